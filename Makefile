@@ -1,0 +1,33 @@
+# Every target does its own set-up: a virtualenv in .venv (re-used while pyproject.toml is
+# unchanged) and the converted model in the cache (re-used once prepared).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench schemas clean-venv
+
+setup: $(STAMP)
+	$(PY) cli.py model prepare
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11 or newer is needed (PYTHON=$(PYTHON))"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) cli.py demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+schemas: $(STAMP)
+	$(PY) -m schemas.export
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,173 @@
+"""gemma-batch command line: thin wrappers that parse, build settings and call into worker/ and jobs/."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from schemas.errors import TaskError
+from worker.settings import EMBEDDED_MODEL, Settings, default_cache_dir
+
+
+class CliError(click.ClickException):
+    """A clear one-line error for bad input or a missing resource; never a traceback."""
+
+    exit_code = 2
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every command that loads the model shares; each is also an environment variable."""
+    options = [
+        click.option("--model", "model", default=EMBEDDED_MODEL, show_default=True, envvar="GEMMA_BATCH_MODEL",
+                     help="Model source: 'embedded', a local directory, a .gguf file, gs://bucket/prefix or a Hugging Face id."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache_dir, show_default=True,
+                     envvar="GEMMA_BATCH_CACHE", help="Where converted and downloaded models are kept."),
+        click.option("--device", default="auto", show_default=True, envvar="GEMMA_BATCH_DEVICE",
+                     help="auto, cpu, cuda or cuda:N. CUDA asked for but absent falls back to CPU with a warning."),
+        click.option("--max-input-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+                     envvar="GEMMA_BATCH_MAX_INPUT_TOKENS", help="Longest input accepted, in tokens."),
+        click.option("--token-budget", type=click.IntRange(min=1), default=None, envvar="GEMMA_BATCH_TOKEN_BUDGET",
+                     help="Padded tokens per forward batch (longest x count). Default: 2048 on CPU, 32768 on CUDA."),
+        click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+                     envvar="GEMMA_BATCH_MAX_BATCH_SIZE", help="Most inputs per forward batch."),
+        click.option("--max-new-tokens-limit", "max_new_tokens_limit", type=click.IntRange(min=1), default=1024,
+                     show_default=True, envvar="GEMMA_BATCH_MAX_NEW_TOKENS", help="Largest max_tokens a task may ask for."),
+        click.option("--log-level", default="WARNING", show_default=True, envvar="GEMMA_BATCH_LOG_LEVEL",
+                     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*, model: str, cache_dir: Path, device: str, max_input_tokens: int, token_budget: int | None,
+                max_batch_size: int, max_new_tokens_limit: int, log_level: str, **kwargs: Any) -> Any:
+        from worker.logs import configure_logging
+
+        configure_logging(log_level)
+        try:
+            settings = Settings(model=model, cache_dir=cache_dir, device=device, max_input_tokens=max_input_tokens,
+                                token_budget=token_budget, max_batch_size=max_batch_size,
+                                max_new_tokens=max_new_tokens_limit)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        return fn(settings=settings, **kwargs)
+
+    return wrapper
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can cause into one clear line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from worker.model.source import ModelSourceError
+
+        try:
+            return fn(*args, **kwargs)
+        except TaskError as exc:
+            raise CliError(f"[{exc.code.value}] {exc.message}") from None
+        except ModelSourceError as exc:
+            raise CliError(f"[model_unavailable] {exc}") from None
+
+    return wrapper
+
+
+def read_inputs(values: tuple[str, ...]) -> list[str]:
+    """Arguments as given; a single '-' reads one input per line from standard input."""
+    if values == ("-",):
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    return list(values)
+
+
+def emit(record: dict[str, Any]) -> None:
+    click.echo(json.dumps(record, ensure_ascii=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """gemma-batch: batched Gemma inference for Pub/Sub tasks, HTTP calls and bulk jobs."""
+
+
+@main.group()
+def model() -> None:
+    """Find, convert and cache model checkpoints."""
+
+
+@model.command("prepare")
+@model_options
+@guarded
+def model_prepare(*, settings: Settings) -> None:
+    """Convert or download the model once into the cache and print its local path."""
+    from worker.model.source import prepare_model
+
+    started = time.monotonic()
+    prepared = prepare_model(settings.model, settings.cache_dir)
+    action = "converted" if prepared.converted_now else "reused"
+    click.echo(f"{action} {prepared.name} in {time.monotonic() - started:.2f}s", err=True)
+    click.echo(str(prepared.path))
+
+
+@main.command("embed")
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--dims", type=int, default=None, help="Keep the first N dimensions (Matryoshka), re-normalised.")
+@click.option("--no-normalize", is_flag=True, help="Return raw mean-pooled vectors.")
+@click.option("--truncate/--no-truncate", default=False, show_default=True,
+              help="Cut over-long texts at --max-input-tokens instead of failing.")
+@model_options
+@guarded
+def embed(*, texts: tuple[str, ...], dims: int | None, no_normalize: bool, truncate: bool, settings: Settings) -> None:
+    """Embed TEXT... ('-' reads lines from stdin); prints one JSON line per text, in order."""
+    from worker.engine import build_engine
+
+    inputs = read_inputs(texts)
+    engine = build_engine(settings)
+    out = engine.embed(inputs, dims=dims, normalize=not no_normalize, truncate=truncate)
+    for i, vector in enumerate(out.vectors):
+        emit({"index": i, "model": engine.name, "dims": len(vector), "input_tokens": out.input_tokens[i],
+              "truncated": out.truncated[i], "embedding": [round(float(x), 7) for x in vector]})
+
+
+@main.command("generate")
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="New tokens per prompt.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--stop", multiple=True, help="Stop at this string (repeatable); it is not included.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling; same seed and prompt, same text.")
+@click.option("--truncate/--no-truncate", default=False, show_default=True)
+@model_options
+@guarded
+def generate(*, prompts: tuple[str, ...], max_tokens: int, temperature: float, top_p: float, stop: tuple[str, ...],
+             seed: int | None, truncate: bool, settings: Settings) -> None:
+    """Complete PROMPT... ('-' reads lines from stdin); prints one JSON line per prompt, in order."""
+    from worker.engine import build_engine
+
+    inputs = read_inputs(prompts)
+    engine = build_engine(settings)
+    outs = engine.generate(inputs, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                           stop=list(stop), seed=seed, truncate=truncate)
+    for i, (prompt, g) in enumerate(zip(inputs, outs)):
+        emit({"index": i, "model": engine.name, "prompt": prompt, "text": g.text, "finish_reason": g.finish_reason,
+              "prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids), "truncated": g.truncated})
+
+
+@main.command("demo")
+@click.option("--texts", "n_texts", type=click.IntRange(min=1), default=64, show_default=True,
+              help="How many standard-library docstrings to embed.")
+@model_options
+@guarded
+def demo(*, n_texts: int, settings: Settings) -> None:
+    """Run the main job on the embedded default and print what it did."""
+    from worker.demo import run_engine_demo
+
+    run_engine_demo(settings, n_texts=n_texts, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

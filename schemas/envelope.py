@@ -1,0 +1,93 @@
+"""The task envelope: what agents and the CLI publish, one task per message."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+
+SCHEMA_VERSION = "1"
+SUPPORTED_SCHEMA_VERSIONS: frozenset[str] = frozenset({SCHEMA_VERSION})
+
+# Identifiers become parts of object names, so they may hold no path separators,
+# no "..", no control characters and nothing that starts with a dot.
+SAFE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,127}$"
+SafeId = Annotated[str, StringConstraints(pattern=SAFE_ID_PATTERN)]
+NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
+
+
+class TaskKind(StrEnum):
+    EMBED = "embed"
+    GENERATE = "generate"
+    GRAPH = "graph"
+    CODE = "code"
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EmbedPayload(_Payload):
+    texts: list[NonEmptyText] = Field(min_length=1, description="Texts to embed, one vector each.")
+    dims: int | None = Field(default=None, ge=1, description="Matryoshka truncation to this many dimensions.")
+    normalize: bool = True
+    truncate: bool = Field(default=False, description="Cut over-long texts at the input limit instead of failing.")
+
+
+class GeneratePayload(_Payload):
+    prompt: NonEmptyText
+    max_tokens: int = Field(default=128, ge=1, description="Most new tokens to generate.")
+    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, description="0 means greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: list[NonEmptyText] = Field(default_factory=list, max_length=16)
+    seed: int | None = None
+    truncate: bool = False
+
+
+class GraphPayload(_Payload):
+    text: NonEmptyText = Field(description="The document to turn into a knowledge graph.")
+    title: str | None = None
+    embed_nodes: bool = False
+
+
+class CodePayload(_Payload):
+    source: NonEmptyText = Field(description="Source code to analyse.")
+    filename: str | None = None
+    language: str | None = None
+
+
+class _EnvelopeBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    task_id: SafeId = Field(description="Idempotency key: one result object per task id.")
+    batch_id: SafeId | None = None
+    custom_id: Annotated[str, StringConstraints(max_length=512)] | None = Field(
+        default=None, description="The caller's own key, echoed in the result."
+    )
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+class EmbedTask(_EnvelopeBase):
+    kind: Literal["embed"] = "embed"
+    payload: EmbedPayload
+
+
+class GenerateTask(_EnvelopeBase):
+    kind: Literal["generate"] = "generate"
+    payload: GeneratePayload
+
+
+class GraphTask(_EnvelopeBase):
+    kind: Literal["graph"] = "graph"
+    payload: GraphPayload
+
+
+class CodeTask(_EnvelopeBase):
+    kind: Literal["code"] = "code"
+    payload: CodePayload
+
+
+Envelope = Annotated[Union[EmbedTask, GenerateTask, GraphTask, CodeTask], Field(discriminator="kind")]
+ENVELOPE_ADAPTER: TypeAdapter[EmbedTask | GenerateTask | GraphTask | CodeTask] = TypeAdapter(Envelope)

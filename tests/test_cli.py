@@ -1,0 +1,63 @@
+"""The CLI as a user runs it: one JSON line per input, clear errors, help everywhere."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+from worker.engine import Engine
+
+COMMANDS = [[], ["model"], ["model", "prepare"], ["embed"], ["generate"], ["demo"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "main")
+def test_every_command_has_help(command: list[str]) -> None:
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+
+
+def test_embed_prints_one_json_line_per_text_equal_to_the_engine(engine: Engine) -> None:
+    # Given two texts / When embedded through the CLI with --dims 64
+    texts = ["Pub/Sub delivers at least once.", "Cloud Storage keeps results."]
+    result = run_cli("embed", *texts, "--dims", "64", "--device", "cpu")
+    # Then two JSON lines, in order, equal to the engine's vectors
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["index"] for line in lines] == [0, 1]
+    expected = engine.embed(texts, dims=64).vectors
+    got = np.array([line["embedding"] for line in lines], dtype=np.float32)
+    assert got.shape == (2, 64) and np.sum(got * expected, axis=1).min() >= 0.9999
+
+
+def test_generate_reads_prompts_from_stdin_and_prints_json_lines(engine: Engine) -> None:
+    # Given two prompts on standard input / When generated greedily through the CLI
+    prompts = ["The capital of France is", "def add(a, b):"]
+    result = run_cli("generate", "-", "--max-tokens", "8", "--device", "cpu", input="\n".join(prompts) + "\n")
+    # Then one line per prompt, in order, with the engine's text
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["prompt"] for line in lines] == prompts
+    expected = engine.generate(prompts, max_new_tokens=8)
+    assert [line["text"] for line in lines] == [g.text for g in expected]
+    assert all(line["completion_tokens"] == 8 or line["finish_reason"] == "stop" for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["embed", "hello", "--dims", "0"], "[invalid_parameter] dims must be an integer from 1 to 640"),
+        (["embed", ""], "[empty_input] text 0 is empty"),
+        (["generate", "hi", "--max-tokens", "-2"], "[max_tokens_out_of_range]"),
+        (["generate", "hi", "--temperature", "-1"], "[invalid_parameter] temperature"),
+        (["embed", "x", "--model", "/nowhere/model.gguf"], "[model_unavailable]"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], words: str) -> None:
+    # Given a bad argument / When run / Then exit code 2, the reason on stderr, and no traceback
+    result = run_cli(*args, "--device", "cpu")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr

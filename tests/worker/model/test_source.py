@@ -1,0 +1,82 @@
+"""Model sources and the conversion cache, on the real embedded GGUF."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from worker.model import ModelSourceError, choose_placement, embedded_gguf_path, prepare_model
+from worker.settings import Settings
+
+
+@pytest.mark.slow
+def test_second_prepare_reuses_the_converted_directory_and_is_5x_faster(tmp_path: Path, settings: Settings) -> None:
+    # Given the embedded GGUF file given as a `.gguf` source, and an empty cache
+    gguf = embedded_gguf_path(settings.cache_dir)
+    cache = tmp_path / "cache"
+    # When `model prepare` runs twice, as a user would
+    t0 = time.monotonic()
+    first = run_cli("model", "prepare", "--model", str(gguf), "--cache-dir", str(cache))
+    first_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    second = run_cli("model", "prepare", "--model", str(gguf), "--cache-dir", str(cache))
+    second_s = time.monotonic() - t0
+    # Then both print the same safetensors directory, the second reused it, and was >= 5x faster
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    path = Path(first.stdout.strip())
+    assert second.stdout.strip() == str(path)
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert "converted" in first.stderr and "reused" in second.stderr
+    assert first_s >= 5 * second_s, (first_s, second_s)
+
+
+def test_local_directory_source_is_used_in_place(settings: Settings) -> None:
+    # Given the prepared embedded model's directory
+    prepared = prepare_model("embedded", settings.cache_dir)
+    # When it is given as a source / Then it is used as it is, not copied or converted
+    again = prepare_model(str(prepared.path), settings.cache_dir)
+    assert again.path == prepared.path and not again.converted_now
+
+
+@pytest.mark.parametrize(
+    ("source", "words"),
+    [
+        ("/no/such/file.gguf", "does not exist"),
+        ("not a model", "not a local directory"),
+    ],
+)
+def test_bad_sources_give_clear_errors(tmp_path: Path, source: str, words: str) -> None:
+    with pytest.raises(ModelSourceError, match=words):
+        prepare_model(source, tmp_path)
+
+
+def test_directory_without_config_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        prepare_model(str(tmp_path / "weights"), tmp_path)
+
+
+def test_hub_id_without_network_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given no way to reach the Hugging Face hub (offline mode, as on this machine)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # When a hub id is asked for / Then the error says what to check
+    with pytest.raises(ModelSourceError, match="HF_TOKEN"):
+        prepare_model("google/gemma-3-4b-it", tmp_path)
+
+
+def test_device_choice_falls_back_to_cpu_fp32_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Given CUDA asked for explicitly
+    with caplog.at_level(logging.WARNING):
+        placement = choose_placement("cuda")
+    if torch.cuda.is_available():
+        assert placement.device.type == "cuda" and placement.dtype in (torch.bfloat16, torch.float16)
+        return
+    # Then on a machine without CUDA it runs on CPU in fp32 and says so
+    assert placement.device.type == "cpu" and placement.dtype == torch.float32
+    assert "falling back to CPU" in caplog.text
+    assert choose_placement("cpu").dtype == torch.float32

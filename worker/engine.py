@@ -1,0 +1,243 @@
+"""Batched `embed` and `generate` over the model: pre (tokenize, check limits, sort by length)
+→ core (forward under `inference_mode`, one token-budget batch at a time) → post (back to CPU,
+restore input order). The batcher knows the engine through these few methods only."""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
+
+from schemas.errors import ErrorCode, TaskError
+from worker.decoding import RowSampler, StopOnStrings, cut_at_stop
+from worker.model.loader import LoadedModel, load_from_settings
+from worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One input after `pre`: its token ids (already within the limit) and whether it was cut."""
+
+    ids: tuple[int, ...]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: np.ndarray  # (n, dims) float32, in input order
+    input_tokens: list[int]
+    truncated: list[bool]
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    truncated: bool
+
+
+def plan_batches(costs: Sequence[int], *, token_budget: int, max_batch_size: int,
+                 min_fill: float = 0.8) -> list[list[int]]:
+    """Indices grouped longest-first so each batch's padded cost (longest × count) stays in budget
+    and at least `min_fill` of it is real tokens rather than padding.
+
+    An item over the budget on its own still gets a batch of one."""
+    order = sorted(range(len(costs)), key=lambda i: costs[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        if current:
+            padded = costs[current[0]] * (len(current) + 1)
+            if padded > token_budget or len(current) >= max_batch_size or (real + costs[i]) < min_fill * padded:
+                batches.append(current)
+                current, real = [], 0
+        current.append(i)
+        real += costs[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Engine:
+    """Gemma behind a narrow interface; one instance per process, used from one thread."""
+
+    def __init__(self, model: LoadedModel, *, max_input_tokens: int, token_budget: int,
+                 max_batch_size: int, max_new_tokens: int) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.device = model.placement.device
+        self.max_input_tokens = min(max_input_tokens, model.max_positions)
+        self.token_budget = token_budget
+        self.max_batch_size = max_batch_size
+        self.max_new_tokens = max_new_tokens
+        eos = model.lm.generation_config.eos_token_id if model.lm is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def width(self) -> int:
+        return self.model.hidden_size
+
+    # ---- pre -------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], *, truncate: bool, limit: int | None = None,
+                 what: str = "input") -> list[Tokenized]:
+        """Token ids per text, cut at the limit when `truncate`, else a clear error naming the limit."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TaskError(ErrorCode.INVALID_FIELD, f"{what}s must be a list of strings")
+        if not texts:
+            raise TaskError(ErrorCode.EMPTY_INPUT, f"no {what}s given: pass at least one")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TaskError(ErrorCode.INVALID_FIELD, f"{what} {i} is {type(text).__name__}, not a string")
+            if not text.strip():
+                raise TaskError(ErrorCode.EMPTY_INPUT, f"{what} {i} is empty")
+        limit = self.max_input_tokens if limit is None else limit
+        out = []
+        for i, ids in enumerate(self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]):
+            if len(ids) > limit and not truncate:
+                raise TaskError(ErrorCode.INPUT_TOO_LONG, (
+                    f"{what} {i} has {len(ids)} tokens; the limit is max_input_tokens={limit}. "
+                    "Shorten it or pass truncate=true to cut it at the limit"))
+            out.append(Tokenized(ids=tuple(ids[:limit]), truncated=len(ids) > limit))
+        return out
+
+    def _check_dims(self, dims: int | None) -> int:
+        if dims is None:
+            return self.width
+        if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= self.width:
+            raise TaskError(ErrorCode.INVALID_PARAMETER, f"dims must be an integer from 1 to {self.width} (the model's width), got {dims!r}")
+        return dims
+
+    # ---- embed -----------------------------------------------------------------------
+    def embed(self, texts: Sequence[str], *, dims: int | None = None, normalize: bool = True,
+              truncate: bool = False) -> Embeddings:
+        dims = self._check_dims(dims)
+        return self.embed_tokenized(self.tokenize(texts, truncate=truncate, what="text"), dims=dims, normalize=normalize)
+
+    def embed_tokenized(self, items: Sequence[Tokenized], *, dims: int | None = None,
+                        normalize: bool = True) -> Embeddings:
+        dims = self._check_dims(dims)
+        vectors = np.empty((len(items), self.width), dtype=np.float32)
+        costs = [len(it.ids) for it in items]
+        for batch in plan_batches(costs, token_budget=self.token_budget, max_batch_size=self.max_batch_size):
+            vectors[batch] = self._embed_batch([items[i].ids for i in batch])
+        vectors = vectors[:, :dims]  # Matryoshka truncation, re-normalised below
+        if normalize:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return Embeddings(vectors=vectors, input_tokens=costs, truncated=[it.truncated for it in items])
+
+    def _embed_batch(self, rows: list[tuple[int, ...]]) -> np.ndarray:
+        # Right padding: under causal attention real tokens never see the pads after them,
+        # so a text's vector does not depend on what it was batched with.
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with torch.inference_mode():
+            hidden = self.model.body(input_ids=ids, attention_mask=mask).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        return pooled.float().cpu().numpy()
+
+    # ---- generate --------------------------------------------------------------------
+    def check_generate_args(self, *, max_new_tokens: int, temperature: float, top_p: float,
+                            stop: Sequence[str] | None) -> list[str]:
+        if self.model.lm is None:
+            raise TaskError(ErrorCode.UNSUPPORTED_KIND, f"model {self.name} is embedding-only and cannot generate")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.max_new_tokens:
+            raise TaskError(ErrorCode.MAX_TOKENS_OUT_OF_RANGE,
+                            f"max_new_tokens must be from 1 to max_new_tokens={self.max_new_tokens}, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise TaskError(ErrorCode.INVALID_PARAMETER, f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise TaskError(ErrorCode.INVALID_PARAMETER, f"top_p must be in (0, 1], got {top_p!r}")
+        stops = list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise TaskError(ErrorCode.INVALID_PARAMETER, "stop strings must be non-empty strings")
+        return stops
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
+                 truncate: bool = False) -> list[Generation]:
+        stops = self.check_generate_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
+        items = self.tokenize(prompts, truncate=truncate, limit=self.prompt_limit(max_new_tokens), what="prompt")
+        return self.generate_tokenized(items, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, stop=stops, seed=seed)
+
+    def prompt_limit(self, max_new_tokens: int) -> int:
+        """Prompt tokens allowed so that prompt plus new tokens fit the model's positions."""
+        return min(self.max_input_tokens, self.model.max_positions - max_new_tokens)
+
+    def generate_tokenized(self, items: Sequence[Tokenized], *, max_new_tokens: int, temperature: float = 0.0,
+                           top_p: float = 1.0, stop: Sequence[str] = (), seed: int | None = None) -> list[Generation]:
+        results: list[Generation | None] = [None] * len(items)
+        costs = [len(it.ids) + max_new_tokens for it in items]
+        row_seed = seed if seed is not None else random.randrange(2**63)
+        for batch in plan_batches(costs, token_budget=self.token_budget, max_batch_size=self.max_batch_size):
+            outs = self._generate_batch([items[i].ids for i in batch], max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_p=top_p, stop=list(stop), seed=row_seed)
+            for i, (ids, reason) in zip(batch, outs):
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                text, stopped = cut_at_stop(text, list(stop)) if stop else (text, False)
+                results[i] = Generation(text=text, token_ids=ids, prompt_tokens=len(items[i].ids),
+                                        finish_reason="stop" if stopped else reason, truncated=items[i].truncated)
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, rows: list[tuple[int, ...]], *, max_new_tokens: int, temperature: float,
+                        top_p: float, stop: list[str], seed: int) -> list[tuple[list[int], str]]:
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        processors = LogitsProcessorList()
+        if temperature > 0:
+            processors.append(RowSampler(temperature=temperature, top_p=top_p, seeds=[seed] * len(rows)))
+        criteria = StoppingCriteriaList()
+        if stop:
+            criteria.append(StopOnStrings(stops=stop, tokenizer=self.tokenizer, prompt_width=width))
+        with torch.inference_mode():
+            out = self.model.lm.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
+                do_sample=False, top_k=None, top_p=None, temperature=None, pad_token_id=pad,
+                logits_processor=processors, stopping_criteria=criteria,
+            )
+        results = []
+        for row in out[:, width:].cpu().tolist():
+            # Rows that finished early are filled with pads after their end.
+            cut = next((j for j, t in enumerate(row) if t in self.eos_ids or t == pad), None)
+            if cut is not None:
+                results.append((row[:cut], "stop"))
+            else:
+                results.append((row, "length"))
+        return results
+
+
+def default_token_budget(device: torch.device) -> int:
+    """Padded tokens per forward batch. On CPU small batches keep weights and activations in
+    cache (measured in bench/); a GPU needs large batches to fill its cores."""
+    return 32768 if device.type == "cuda" else 2048
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Prepare, load and wrap the model the settings name; called once at startup."""
+    model = load_from_settings(settings)
+    budget = settings.token_budget or default_token_budget(model.placement.device)
+    return Engine(model, max_input_tokens=settings.max_input_tokens,
+                  token_budget=budget, max_batch_size=settings.max_batch_size,
+                  max_new_tokens=settings.max_new_tokens)

@@ -1,0 +1,71 @@
+"""Load a prepared checkpoint onto the chosen device, from safetensors only."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from worker.model.device import Placement, choose_placement
+from worker.model.source import ModelSourceError, PreparedModel, prepare_model
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model, split into the transformer body (for embeddings) and the causal LM (for generation)."""
+
+    name: str
+    body: torch.nn.Module
+    lm: Any | None  # None for embedding-only checkpoints
+    tokenizer: Any
+    placement: Placement
+    max_positions: int
+    hidden_size: int
+    load_seconds: float
+
+
+def load_model(prepared: PreparedModel, placement: Placement) -> LoadedModel:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    config = AutoConfig.from_pretrained(prepared.path)
+    text_config = config.get_text_config()
+    is_causal = any(a.endswith("ForCausalLM") or a.endswith("ForConditionalGeneration") for a in (config.architectures or []))
+    kwargs = dict(dtype=placement.dtype, use_safetensors=True, attn_implementation="sdpa")
+    try:
+        if is_causal:
+            lm = AutoModelForCausalLM.from_pretrained(prepared.path, **kwargs).to(placement.device).eval()
+            body = lm.get_decoder()
+        else:
+            lm = None
+            body = AutoModel.from_pretrained(prepared.path, **kwargs).to(placement.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(prepared.path)
+    except OSError as exc:
+        raise ModelSourceError(f"cannot load {prepared.path}: {exc}") from exc
+    tokenizer.padding_side = "left"  # generation appends on the right, so pads go left
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        name=prepared.name,
+        body=body,
+        lm=lm,
+        tokenizer=tokenizer,
+        placement=placement,
+        max_positions=int(getattr(text_config, "max_position_embeddings", 8192)),
+        hidden_size=int(text_config.hidden_size),
+        load_seconds=time.monotonic() - started,
+    )
+
+
+def load_from_settings(settings: Settings) -> LoadedModel:
+    """Prepare (convert or download once) and load the model the settings name."""
+    prepared = prepare_model(settings.model, settings.cache_dir)
+    placement = choose_placement(settings.device)
+    loaded = load_model(prepared, placement)
+    log.info("model %s loaded on %s (%s) in %.1fs", loaded.name, placement.device, placement.dtype, loaded.load_seconds)
+    return loaded

@@ -1,0 +1,35 @@
+"""One frozen settings object, built once from flags and environment (click `envvar=`) and passed down."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED_MODEL = "embedded"
+
+
+def default_cache_dir() -> Path:
+    """Where converted and downloaded models live: $GEMMA_BATCH_CACHE, else the user's cache dir."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gemma-batch"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a process needs to know, fixed at startup."""
+
+    model: str = EMBEDDED_MODEL
+    cache_dir: Path = default_cache_dir()
+    device: str = "auto"
+    max_input_tokens: int = 2048
+    token_budget: int | None = None  # None: chosen by device, see engine.default_token_budget
+    max_batch_size: int = 64
+    max_new_tokens: int = 1024
+    max_texts_per_task: int = 256
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("max_input_tokens", "token_budget", "max_batch_size", "max_new_tokens", "max_texts_per_task"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
