@@ -66,6 +66,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from worker.devservices import ServiceError
         from worker.model.source import ModelSourceError
 
         try:
@@ -74,6 +75,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise CliError(f"[{exc.code.value}] {exc.message}") from None
         except ModelSourceError as exc:
             raise CliError(f"[model_unavailable] {exc}") from None
+        except ServiceError as exc:
+            raise CliError(f"[{exc.code}] {exc}") from None
 
     return wrapper
 
@@ -155,6 +158,140 @@ def generate(*, prompts: tuple[str, ...], max_tokens: int, temperature: float, t
     for i, (prompt, g) in enumerate(zip(inputs, outs)):
         emit({"index": i, "model": engine.name, "prompt": prompt, "text": g.text, "finish_reason": g.finish_reason,
               "prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.token_ids), "truncated": g.truncated})
+
+
+def topic_path(topic: str, project: str | None) -> str:
+    """Accept `projects/P/topics/T` or a short name with --project."""
+    if topic.startswith("projects/"):
+        return topic
+    if not project:
+        raise CliError(f"topic {topic!r} is a short name: pass --project (or PUBSUB_PROJECT_ID) or projects/P/topics/T")
+    return f"projects/{project}/topics/{topic}"
+
+
+project_option = click.option("--project", envvar=["PUBSUB_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"], default=None,
+                              help="Google Cloud project for short topic names.")
+
+
+@main.command("worker")
+@click.option("--subscription", required=True, envvar="GEMMA_BATCH_SUBSCRIPTION",
+              help="projects/P/subscriptions/S to pull tasks from.")
+@click.option("--results", required=True, envvar="GEMMA_BATCH_RESULTS",
+              help="Where results go: gs://bucket/prefix or a local directory.")
+@click.option("--max-wait-ms", type=click.IntRange(min=0), default=20, show_default=True,
+              envvar="GEMMA_BATCH_MAX_WAIT_MS", help="How long a task waits for batch mates.")
+@click.option("--max-messages", type=click.IntRange(min=1), default=256, show_default=True,
+              envvar="GEMMA_BATCH_MAX_MESSAGES", help="Flow control: most messages in flight.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=100_000_000, show_default=True,
+              envvar="GEMMA_BATCH_MAX_BYTES", help="Flow control: most message bytes in flight.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
+              envvar="GEMMA_BATCH_MAX_ATTEMPTS", help="Deliveries before a transient failure becomes an error result.")
+@model_options
+@guarded
+def worker(*, subscription: str, results: str, max_wait_ms: int, max_messages: int, max_bytes: int,
+           max_attempts: int, settings: Settings) -> None:
+    """Pull tasks, run them in batches, write results, then ack. SIGTERM or Ctrl-C stops it in order."""
+    import dataclasses
+
+    from worker.app import run_pull_worker
+
+    settings = dataclasses.replace(settings, max_wait_ms=max_wait_ms, flow_max_messages=max_messages,
+                                   flow_max_bytes=max_bytes, max_attempts=max_attempts)
+    run_pull_worker(settings, subscription=subscription, results=results)
+
+
+@main.command("submit")
+@click.option("--topic", required=True, envvar="GEMMA_BATCH_TOPIC", help="projects/P/topics/T or a short name.")
+@project_option
+@click.option("--kind", type=click.Choice(["embed", "generate"]), required=True)
+@click.option("--text", "texts", multiple=True, help="Text to embed (repeatable).")
+@click.option("--prompt", default=None, help="Prompt to complete.")
+@click.option("--max-tokens", type=int, default=None, help="New tokens for generate.")
+@click.option("--temperature", type=float, default=None)
+@click.option("--dims", type=int, default=None)
+@click.option("--task-id", default=None, help="Idempotency key; default: a new random id.")
+@click.option("--batch-id", default=None)
+@click.option("--custom-id", default=None)
+@click.option("--results", default=None, envvar="GEMMA_BATCH_RESULTS", help="With --wait: where to look for the result.")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@click.option("--timeout", type=float, default=600, show_default=True, help="Seconds --wait waits.")
+@guarded
+def submit(*, topic: str, project: str | None, kind: str, texts: tuple[str, ...], prompt: str | None,
+           max_tokens: int | None, temperature: float | None, dims: int | None, task_id: str | None,
+           batch_id: str | None, custom_id: str | None, results: str | None, wait: bool, timeout: float) -> None:
+    """Publish one task and print its task id (with --wait, then its result)."""
+    import uuid
+
+    from google.cloud import pubsub_v1
+
+    from schemas.codec import validate_envelope
+
+    if kind == "embed":
+        payload: dict[str, Any] = {"texts": list(texts), **({"dims": dims} if dims is not None else {})}
+    else:
+        payload = {"prompt": prompt, **{k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature))
+                                        if v is not None}}
+    raw = {"task_id": task_id or f"t-{uuid.uuid4().hex}", "kind": kind, "payload": payload,
+           **{k: v for k, v in (("batch_id", batch_id), ("custom_id", custom_id)) if v is not None}}
+    envelope = validate_envelope(raw)
+    if wait and not results:
+        raise CliError("--wait needs --results (or GEMMA_BATCH_RESULTS) to know where the result will be")
+    publisher = pubsub_v1.PublisherClient()
+    attributes = {"task_id": envelope.task_id, "kind": envelope.kind, **({"batch_id": batch_id} if batch_id else {})}
+    publisher.publish(topic_path(topic, project), envelope.model_dump_json().encode(), **attributes).result(timeout=60)
+    click.echo(envelope.task_id)
+    if wait:
+        from worker.runner import result_name
+        from worker.store import open_store
+
+        store = open_store(results)
+        name = result_name(envelope.batch_id, envelope.task_id)
+        deadline = time.monotonic() + timeout
+        while (body := store.get(name)) is None:
+            if time.monotonic() > deadline:
+                raise CliError(f"no result at {store.uri(name)} after {timeout:.0f}s; is a worker running?")
+            time.sleep(0.5)
+        click.echo(body.decode())
+
+
+@main.group()
+def dev() -> None:
+    """Local Pub/Sub emulator and storage server on 127.0.0.1, for trying things out."""
+
+
+dev_state_option = click.option("--state-dir", type=click.Path(path_type=Path), envvar="GEMMA_BATCH_DEV_DIR",
+                                default=lambda: default_cache_dir() / "dev", show_default="~/.cache/gemma-batch/dev",
+                                help="Where the running services are recorded.")
+
+
+@dev.command("up")
+@dev_state_option
+@click.option("--project", default="local-dev", show_default=True, envvar="PUBSUB_PROJECT_ID")
+@guarded
+def dev_up_cmd(*, state_dir: Path, project: str) -> None:
+    """Start both (or reuse running ones) and print the environment to export."""
+    from worker.devservices import dev_up
+
+    for key, value in dev_up(state_dir, project=project).items():
+        click.echo(f"export {key}={value}")
+
+
+@dev.command("down")
+@dev_state_option
+def dev_down_cmd(*, state_dir: Path) -> None:
+    """Stop what `dev up` started."""
+    from worker.devservices import dev_down
+
+    click.echo("stopped" if dev_down(state_dir) else "nothing was running")
+
+
+@dev.command("status")
+@dev_state_option
+def dev_status_cmd(*, state_dir: Path) -> None:
+    """Print what `dev up` started and whether it still runs."""
+    from worker.devservices import dev_status
+
+    click.echo(json.dumps(dev_status(state_dir), indent=2, default=str))
 
 
 @main.command("demo")

@@ -18,6 +18,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -147,7 +149,7 @@ class _Service:
             command = self._command(port, workdir)
             began = time.monotonic()
             with open(workdir / f"{self.name}.log", "ab") as log:
-                self._process = subprocess.Popen(  # noqa: S603 - fixed binaries, no shell
+                self._process = subprocess.Popen(
                     command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     cwd=workdir, start_new_session=True)
             self._wait_ready(port)
@@ -262,7 +264,6 @@ def dev_up(state_dir: Path, *, project: str) -> dict[str, str]:
 
     If a healthy pair from an earlier call is recorded in state_dir, it is reused, not doubled.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
     with _state_lock(state_dir):
         state = _read_state(state_dir)
         if state is not None and all(s["healthy"] for s in _service_status(state).values()):
@@ -286,6 +287,8 @@ def dev_up(state_dir: Path, *, project: str) -> dict[str, str]:
 
 def dev_down(state_dir: Path, *, timeout_s: float = 10.0) -> bool:
     """Stop the servers recorded in state_dir and forget them; False if none were recorded."""
+    if not (state_dir / STATE_FILE).exists():
+        return False
     with _state_lock(state_dir):
         state = _read_state(state_dir)
         if state is None:
@@ -317,10 +320,8 @@ def _stop_recorded(state: dict[str, Any], *, timeout_s: float = 10.0) -> None:
         # A recorded pid may have been reused by an unrelated process: only signal our own server.
         if _is_ours(rec["pid"], rec["marker"]):
             _stop_group(rec["pid"], timeout_s=timeout_s)
-            try:
-                os.waitpid(rec["pid"], os.WNOHANG)  # reap it if it was started by this very process
-            except ChildProcessError:
-                pass
+            with suppress(ChildProcessError):  # reap it if this very process started it
+                os.waitpid(rec["pid"], os.WNOHANG)
 
 
 def _stop_group(pid: int, *, timeout_s: float) -> None:
@@ -348,10 +349,8 @@ def _wait_exited(pid: int, *, timeout_s: float) -> bool:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _proc_state(pid: int) -> str | None:
@@ -370,20 +369,16 @@ def _is_ours(pid: int, marker: str) -> bool:
     return marker.encode() in cmdline and _proc_state(pid) not in (None, "Z")
 
 
-class _state_lock:  # noqa: N801 - used as a context manager, reads like a function
+@contextmanager
+def _state_lock(state_dir: Path) -> Iterator[None]:
     """An exclusive flock on state_dir, so two `dev up` calls cannot start two pairs."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self._path = state_dir / ".devservices.lock"
-        self._fd = -1
-
-    def __enter__(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc_info: object) -> None:
-        os.close(self._fd)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / ".devservices.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_state(state_dir: Path) -> dict[str, Any] | None:
@@ -414,7 +409,7 @@ def ensure_bucket(client: storage.Client, name: str, *, location: str | None = N
 
 def ensure_topic(project: str, topic: str, *, publisher: pubsub_v1.PublisherClient | None = None) -> str:
     """Create the topic unless it exists; returns its full path. Honours PUBSUB_EMULATOR_HOST."""
-    from google.cloud import pubsub_v1
+    from google.cloud import pubsub_v1  # here, not at the top: grpc is slow to load and `dev down` never needs it
 
     client = publisher or pubsub_v1.PublisherClient()
     path = client.topic_path(project, topic)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,10 @@ class Engine:
         self.max_new_tokens = max_new_tokens
         eos = model.lm.generation_config.eos_token_id if model.lm is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        # Chat-formatted prompts end the model's turn with <end_of_turn>; stop there too.
+        end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
+            self.eos_ids.add(end_of_turn)
 
     @property
     def name(self) -> str:
@@ -87,6 +92,14 @@ class Engine:
     @property
     def width(self) -> int:
         return self.model.hidden_size
+
+    def warm_up(self) -> float:
+        """One tiny embed and generate, so the first real batch does not pay for lazy set-up."""
+        started = time.monotonic()
+        self.embed(["warm up"])
+        if self.model.lm is not None:
+            self.generate(["warm up"], max_new_tokens=2)
+        return time.monotonic() - started
 
     # ---- pre -------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], *, truncate: bool, limit: int | None = None,
@@ -111,7 +124,7 @@ class Engine:
             out.append(Tokenized(ids=tuple(ids[:limit]), truncated=len(ids) > limit))
         return out
 
-    def _check_dims(self, dims: int | None) -> int:
+    def check_dims(self, dims: int | None) -> int:
         if dims is None:
             return self.width
         if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= self.width:
@@ -121,12 +134,12 @@ class Engine:
     # ---- embed -----------------------------------------------------------------------
     def embed(self, texts: Sequence[str], *, dims: int | None = None, normalize: bool = True,
               truncate: bool = False) -> Embeddings:
-        dims = self._check_dims(dims)
+        dims = self.check_dims(dims)
         return self.embed_tokenized(self.tokenize(texts, truncate=truncate, what="text"), dims=dims, normalize=normalize)
 
     def embed_tokenized(self, items: Sequence[Tokenized], *, dims: int | None = None,
                         normalize: bool = True) -> Embeddings:
-        dims = self._check_dims(dims)
+        dims = self.check_dims(dims)
         vectors = np.empty((len(items), self.width), dtype=np.float32)
         costs = [len(it.ids) for it in items]
         for batch in plan_batches(costs, token_budget=self.token_budget, max_batch_size=self.max_batch_size):
@@ -185,10 +198,13 @@ class Engine:
                            top_p: float = 1.0, stop: Sequence[str] = (), seed: int | None = None) -> list[Generation]:
         results: list[Generation | None] = [None] * len(items)
         costs = [len(it.ids) + max_new_tokens for it in items]
-        row_seed = seed if seed is not None else random.randrange(2**63)
+        # Each row samples with its own generator: a seed makes a prompt's text independent of
+        # its batch mates, and unseeded rows must not share one either.
+        seeds = [seed if seed is not None else random.randrange(2**63) for _ in items]
         for batch in plan_batches(costs, token_budget=self.token_budget, max_batch_size=self.max_batch_size):
             outs = self._generate_batch([items[i].ids for i in batch], max_new_tokens=max_new_tokens,
-                                        temperature=temperature, top_p=top_p, stop=list(stop), seed=row_seed)
+                                        temperature=temperature, top_p=top_p, stop=list(stop),
+                                        seeds=[seeds[i] for i in batch])
             for i, (ids, reason) in zip(batch, outs):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 text, stopped = cut_at_stop(text, list(stop)) if stop else (text, False)
@@ -197,7 +213,7 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, rows: list[tuple[int, ...]], *, max_new_tokens: int, temperature: float,
-                        top_p: float, stop: list[str], seed: int) -> list[tuple[list[int], str]]:
+                        top_p: float, stop: list[str], seeds: list[int]) -> list[tuple[list[int], str]]:
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -207,7 +223,7 @@ class Engine:
             mask[i, width - len(r):] = 1
         processors = LogitsProcessorList()
         if temperature > 0:
-            processors.append(RowSampler(temperature=temperature, top_p=top_p, seeds=[seed] * len(rows)))
+            processors.append(RowSampler(temperature=temperature, top_p=top_p, seeds=seeds))
         criteria = StoppingCriteriaList()
         if stop:
             criteria.append(StopOnStrings(stops=stop, tokenizer=self.tokenizer, prompt_width=width))

@@ -6,7 +6,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-_EXTRA_FIELDS = ("task_id", "batch_id", "request_id", "batch_size", "kind")
+_EXTRA_FIELDS = ("task_id", "batch_id", "request_id", "outcome", "requests", "inputs", "tokens", "queue_ms", "run_ms", "kind")
 
 
 class JsonFormatter(logging.Formatter):

@@ -26,10 +26,19 @@ class Settings:
     max_batch_size: int = 64
     max_new_tokens: int = 1024
     max_texts_per_task: int = 256
+    max_message_bytes: int = 10_000_000
+    max_wait_ms: int = 20
+    max_attempts: int = 5
+    io_workers: int = 16
+    flow_max_messages: int = 256
+    flow_max_bytes: int = 100_000_000
+    max_lease_s: int = 900
+    drain_s: float = 7.0
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        for name in ("max_input_tokens", "token_budget", "max_batch_size", "max_new_tokens", "max_texts_per_task"):
+        for name in ("max_input_tokens", "token_budget", "max_batch_size", "max_new_tokens", "max_texts_per_task",
+                     "max_message_bytes", "max_attempts", "io_workers", "flow_max_messages", "flow_max_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -144,7 +144,7 @@ class GCSStore(Store):
         try:
             self._call("write", name, lambda: blob.upload_from_string(
                 data, content_type=content_type, if_generation_match=if_generation_match,
-                retry=self._retry, timeout=self._timeout), expected=PreconditionFailed)
+                retry=self._retry, timeout=self._timeout), expected=(PreconditionFailed,))
         except PreconditionFailed:
             return False
         return True
@@ -153,7 +153,7 @@ class GCSStore(Store):
         blob = self._bucket.blob(self._full(check_name(name)))
         try:
             data = self._call("read", name, lambda: blob.download_as_bytes(retry=self._retry, timeout=self._timeout),
-                              expected=NotFound)
+                              expected=(NotFound,))
         except NotFound:
             return None
         return data, int(blob.generation)
@@ -173,20 +173,24 @@ class GCSStore(Store):
             self._bucket, prefix=full, retry=self._retry, timeout=self._timeout)])
         return iter(sorted(names))
 
-    def _call(self, op: str, name: str, fn: Callable[[], T], *, expected: type[Exception] | None = None) -> T:
+    def _call(self, op: str, name: str, fn: Callable[[], T], *, expected: tuple[type[Exception], ...] = ()) -> T:
         """Run one client call; any failure but `expected` becomes a retryable STORAGE_UNAVAILABLE."""
         try:
             return fn()
-        except expected or ():
+        except expected:
             raise
         except RetryError as exc:
-            message = f"still failing after retrying for {self._deadline_s:g}s ({exc.cause!r})"
+            detail = f"gave up retrying within {self._deadline_s:g}s; last error: {exc.cause!r}"
+            raise self._unavailable(op, name, detail) from exc
         except GoogleAPICallError as exc:
-            message = f"HTTP {exc.code}: {exc.message}{_HINTS.get(exc.code or 0, '')}"
+            detail = f"HTTP {exc.code}: {exc.message}{_HINTS.get(exc.code or 0, '')}"
+            raise self._unavailable(op, name, detail) from exc
         except (GoogleAuthError, RequestException, OSError) as exc:
-            message = f"{exc!r}; check credentials and that Cloud Storage is reachable"
-        raise TaskError(ErrorCode.STORAGE_UNAVAILABLE, f"{op} {self.uri(name)} failed: {message}", retryable=True)
+            detail = f"{exc!r}; check credentials and that Cloud Storage is reachable"
+            raise self._unavailable(op, name, detail) from exc
 
+    def _unavailable(self, op: str, name: str, detail: str) -> TaskError:
+        return TaskError(ErrorCode.STORAGE_UNAVAILABLE, f"{op} {self.uri(name)} failed: {detail}", retryable=True)
 
 _HINTS = {
     401: "; the credentials were rejected, refresh them (gcloud auth application-default login)",
@@ -275,8 +279,9 @@ class LocalStore(Store):
 
     def _replace(self, name: str, path: Path, data: bytes, *, generation: int | None) -> None:
         # Counter first: a crash in between leaves a new generation on old data, never old on new.
+        # Never 1 again: that is the implied generation of any file put_if_absent made without the lock.
         counter = self.root.joinpath(_META_DIR, "generations", *name.split("/"))
-        os.replace(self._write_temp(counter.parent, str((generation or 0) + 1).encode()), counter)
+        os.replace(self._write_temp(counter.parent, str((generation or 1) + 1).encode()), counter)
         os.replace(self._write_temp(path.parent, data), path)
         _fsync_dir(path.parent)
 

@@ -1,0 +1,97 @@
+"""Startup: build the engine, batcher, store and runner once and hand them to the doors."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from schemas.result import Result
+from worker.batcher import BatchStats, TokenBudgetBatcher
+from worker.engine import Engine, build_engine
+from worker.runner import Outcome, Runner
+from worker.settings import Settings
+from worker.store import Store, open_store
+from worker.tasks import TaskContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stats:
+    """Counters every door and /metrics read; updated from the engine and I/O threads."""
+
+    outcomes: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    batch_requests: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_batch(self, stats: BatchStats) -> None:
+        with self.lock:
+            self.batch_requests.append(stats.requests)
+            del self.batch_requests[:-10_000]
+        log.info("batch done", extra={"kind": stats.kind, "requests": stats.requests, "inputs": stats.inputs,
+                                      "tokens": stats.tokens, "queue_ms": round(stats.queue_ms, 1),
+                                      "run_ms": round(stats.run_ms, 1)})
+
+    def on_outcome(self, outcome: Outcome, result: Result | None) -> None:
+        with self.lock:
+            self.outcomes[outcome.value] += 1
+            if result is not None and result.error is not None:
+                self.errors[result.error.code.value] += 1
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    batcher: TokenBudgetBatcher
+    store: Store
+    runner: Runner
+    stats: Stats
+
+    def close(self) -> None:
+        """Stop the engine after its current call, then let pending writes finish."""
+        self.batcher.stop(timeout=1.0)
+        self.runner.close()
+
+
+def build_runtime(settings: Settings, *, results: str) -> Runtime:
+    store = open_store(results)
+    engine = build_engine(settings)
+    log.info("model warmed up in %.1fs", engine.warm_up())
+    stats = Stats()
+    batcher = TokenBudgetBatcher(engine, max_wait_s=settings.max_wait_ms / 1000, max_items=4 * settings.max_batch_size,
+                                 on_batch=stats.on_batch).start()
+    runner = Runner(ctx=TaskContext(settings=settings, engine=engine, batcher=batcher), store=store,
+                    on_outcome=stats.on_outcome)
+    return Runtime(settings=settings, engine=engine, batcher=batcher, store=store, runner=runner, stats=stats)
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM (Cloud Run's 10 s notice) and Ctrl-C both start the orderly shutdown."""
+    def handler(signum: int, frame: object) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_pull_worker(settings: Settings, *, subscription: str, results: str) -> Stats:
+    """The `worker` command: pull, run, write, ack, until a signal; then shut down in order."""
+    from worker.source import PullWorker
+
+    stop = threading.Event()
+    stop_on_signals(stop)
+    started = time.monotonic()
+    runtime = build_runtime(settings, results=results)
+    log.info("worker ready in %.1fs: %s -> %s", time.monotonic() - started, subscription, runtime.store.uri(""))
+    try:
+        PullWorker(runner=runtime.runner, subscription=subscription, settings=settings).run(stop)
+    finally:
+        runtime.close()
+        log.info("worker stopped", extra={"outcome": dict(runtime.stats.outcomes)})
+    return runtime.stats

@@ -1,0 +1,8 @@
+"""One module per task kind: validate and tokenize the payload, hand it to the batcher, and turn
+the engine's answer into the kind's output. `start_task` is the one entry the runner uses."""
+from __future__ import annotations
+
+from worker.tasks.base import Started, TaskContext
+from worker.tasks.registry import start_task
+
+__all__ = ["Started", "TaskContext", "start_task"]
