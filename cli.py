@@ -254,6 +254,105 @@ def submit(*, topic: str, project: str | None, kind: str, texts: tuple[str, ...]
         click.echo(body.decode())
 
 
+@main.command("submit-batch")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--topic", required=True, envvar="GEMMA_BATCH_TOPIC", help="projects/P/topics/T or a short name.")
+@project_option
+@click.option("--results", required=True, envvar="GEMMA_BATCH_RESULTS",
+              help="The worker's results location; the batch record is written there.")
+@click.option("--batch-id", default=None, help="Default: a new id. Resubmitting a file under its batch id resumes it.")
+@click.option("--model", "model_name", default=None, envvar="GEMMA_BATCH_MODEL", help="Recorded in batch.json.")
+@click.option("--skip-invalid", is_flag=True, help="Publish the valid lines even if some are invalid.")
+@click.option("--wait", is_flag=True, help="Show progress until every result exists.")
+@click.option("--timeout", type=float, default=None, help="Seconds --wait waits (default: no limit).")
+@guarded
+def submit_batch(*, file: Path, topic: str, project: str | None, results: str, batch_id: str | None,
+                 model_name: str | None, skip_invalid: bool, wait: bool, timeout: float | None) -> None:
+    """Validate every line of FILE (native envelopes or OpenAI batch lines), record the batch, publish it,
+    and print the batch id."""
+    from google.cloud import pubsub_v1
+
+    from worker import batches
+    from worker.store import open_store
+
+    batch_id = batch_id or batches.new_batch_id()
+    batch = batches.read_batch_file(file, batch_id=batch_id)
+    for bad in batch.invalid:
+        click.echo(f"{file}:{bad.line_no}: [{bad.code.value}] {bad.message}", err=True)
+    if batch.invalid and not skip_invalid:
+        raise CliError(f"{len(batch.invalid)} invalid line(s) in {file}; nothing was published "
+                       "(fix them, or pass --skip-invalid to publish the rest)")
+    if batch.invalid:
+        batch = batches.BatchFile(lines=batch.lines, invalid=[])
+    store = open_store(results)
+    batches.record_batch(store, batch, batch_id=batch_id, model=model_name, source_name=file.name)
+    publisher = pubsub_v1.PublisherClient()
+    with click.progressbar(length=len(batch.lines), label="publishing", file=sys.stderr) as bar:
+        batches.publish_batch(publisher, topic_path(topic, project), batch.lines,
+                              on_published=lambda n: bar.update(n - bar.pos))
+    click.echo(batch_id)
+    if wait:
+        status = _wait_with_progress(store, batch_id, timeout=timeout)
+        click.echo(_status_line(status), err=True)
+        if not status.done:
+            raise CliError(f"{status.pending} tasks still pending after {timeout}s")
+
+
+def _wait_with_progress(store: Any, batch_id: str, *, timeout: float | None) -> Any:
+    from worker import batches
+
+    first = batches.batch_status(store, batch_id)
+    with click.progressbar(length=first.total, label=f"batch {batch_id}", file=sys.stderr,
+                           show_pos=True, show_eta=True) as bar:
+        def progress(status: Any) -> None:
+            bar.update(status.ok + status.error - bar.pos)
+
+        progress(first)
+        return batches.wait_for_batch(store, batch_id, timeout_s=timeout, on_progress=progress)
+
+
+def _status_line(status: Any) -> str:
+    rate = f"{status.rate_per_s:.2f}/s" if status.rate_per_s else "n/a"
+    return (f"total {status.total}  ok {status.ok}  error {status.error}  pending {status.pending}  "
+            f"rate {rate}")
+
+
+@main.command("status")
+@click.argument("batch_id")
+@click.option("--results", required=True, envvar="GEMMA_BATCH_RESULTS", help="The results location.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@guarded
+def status(*, batch_id: str, results: str, as_json: bool) -> None:
+    """Print done (ok / error) and pending counts of a batch, and its rate."""
+    import dataclasses
+
+    from worker import batches
+    from worker.store import open_store
+
+    current = batches.batch_status(open_store(results), batch_id)
+    click.echo(json.dumps(dataclasses.asdict(current), default=str) if as_json else _status_line(current))
+
+
+@main.command("results")
+@click.argument("batch_id")
+@click.option("--results", required=True, envvar="GEMMA_BATCH_RESULTS", help="The results location.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write OpenAI-style output lines, in input order.")
+@click.option("--errors", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write error lines here instead of into --output.")
+@click.option("--partial", is_flag=True, help="Write what is done even if tasks are pending.")
+@guarded
+def results_cmd(*, batch_id: str, results: str, out: Path, errors: Path | None, partial: bool) -> None:
+    """Collect a batch's results as OpenAI batch output lines (id, custom_id, response, error)."""
+    from worker import batches
+    from worker.store import open_store
+
+    summary = batches.collect_results(open_store(results), batch_id, out=out, errors=errors, partial=partial)
+    where = f"{out}" + (f" and {errors}" if errors else "")
+    click.echo(f"wrote {summary.ok} ok and {summary.error} error lines to {where}"
+               + (f"; {summary.pending} pending left out" if summary.pending else ""), err=True)
+
+
 @main.group()
 def dev() -> None:
     """Local Pub/Sub emulator and storage server on 127.0.0.1, for trying things out."""
@@ -295,15 +394,23 @@ def dev_status_cmd(*, state_dir: Path) -> None:
 
 
 @main.command("demo")
-@click.option("--texts", "n_texts", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--texts", "n_texts", type=click.IntRange(min=1), default=300, show_default=True,
               help="How many standard-library docstrings to embed.")
+@click.option("--prompts", "n_prompts", type=click.IntRange(min=0), default=8, show_default=True,
+              help="How many completion and chat tasks to add.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"),
+              show_default=True, help="Where the batch file, collected results and worker log go.")
+@click.option("--engine-only", is_flag=True, help="Skip Pub/Sub and storage: call the engine directly.")
 @model_options
 @guarded
-def demo(*, n_texts: int, settings: Settings) -> None:
-    """Run the main job on the embedded default and print what it did."""
-    from worker.demo import run_engine_demo
+def demo(*, n_texts: int, n_prompts: int, out_dir: Path, engine_only: bool, settings: Settings) -> None:
+    """Run the main job on the embedded default: emulator, storage server, worker, a real batch."""
+    from worker.demo import run_engine_demo, run_pipeline_demo
 
-    run_engine_demo(settings, n_texts=n_texts, echo=click.echo)
+    if engine_only:
+        run_engine_demo(settings, n_texts=n_texts, echo=click.echo)
+    else:
+        run_pipeline_demo(settings, n_embed=n_texts, n_generate=n_prompts, out_dir=out_dir, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,18 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     TOO_MANY_DELIVERIES = "too_many_deliveries"
+    DUPLICATE_ID = "duplicate_id"
+    UNKNOWN_BATCH = "unknown_batch"
+    BATCH_CONFLICT = "batch_conflict"
+    RESULTS_PENDING = "results_pending"
+    PUBLISH_FAILED = "publish_failed"
     INTERNAL = "internal"
 
 
 # A retry helps only when the cause is outside the task itself.
 RETRYABLE_CODES: frozenset[ErrorCode] = frozenset(
-    {ErrorCode.MODEL_UNAVAILABLE, ErrorCode.OUT_OF_MEMORY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.INTERNAL}
+    {ErrorCode.MODEL_UNAVAILABLE, ErrorCode.OUT_OF_MEMORY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.INTERNAL,
+     ErrorCode.RESULTS_PENDING, ErrorCode.PUBLISH_FAILED}
 )
 
 

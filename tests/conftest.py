@@ -15,6 +15,8 @@ from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ["tests.fixtures.services"]
+
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:

@@ -73,7 +73,8 @@ class TokenBudgetBatcher:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop after the call in progress; requests still queued fail as retryable."""
         self._stopping.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         while True:
             try:
                 req = self._queue.get_nowait()

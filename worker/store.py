@@ -55,6 +55,9 @@ def check_name(name: str, *, prefix: bool = False) -> str:
     return name
 
 
+POOL_SIZE = 32  # at least the runner's I/O threads and the CLI's readers
+
+
 class Store(ABC):
     """Named blobs under one root. Every method is safe to call from many threads at once."""
 
@@ -119,9 +122,12 @@ class GCSStore(Store):
         if endpoint:
             from google.auth.credentials import AnonymousCredentials
 
-            return storage.Client(project=project or "local-dev", credentials=AnonymousCredentials(),
-                                  client_options={"api_endpoint": endpoint})
-        return storage.Client(project=project)
+            client = storage.Client(project=project or "local-dev", credentials=AnonymousCredentials(),
+                                    client_options={"api_endpoint": endpoint})
+        else:
+            client = storage.Client(project=project)
+        _widen_connection_pool(client, size=POOL_SIZE)
+        return client
 
     def _full(self, name: str) -> str:
         return f"{self._prefix}/{name}" if self._prefix else name
@@ -337,6 +343,16 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _widen_connection_pool(client: storage.Client, *, size: int) -> None:
+    """One pooled connection per I/O thread, so concurrent writes reuse connections instead of
+    opening and discarding them (the default pool keeps 10)."""
+    from requests.adapters import HTTPAdapter
+
+    adapter = HTTPAdapter(pool_connections=size, pool_maxsize=size)
+    client._http.mount("https://", adapter)
+    client._http.mount("http://", adapter)
 
 
 def open_store(location: str, *, client: storage.Client | None = None) -> Store:
