@@ -353,6 +353,27 @@ def results_cmd(*, batch_id: str, results: str, out: Path, errors: Path | None, 
                + (f"; {summary.pending} pending left out" if summary.pending else ""), err=True)
 
 
+@main.command("setup-pubsub")
+@click.option("--project", required=True, envvar=["PUBSUB_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"])
+@click.option("--topic", required=True, envvar="GEMMA_BATCH_TOPIC", help="Short topic name.")
+@click.option("--subscription", required=True, help="Short name of the worker's pull subscription.")
+@click.option("--ack-deadline", type=click.IntRange(10, 600), default=60, show_default=True,
+              help="Seconds; the worker extends leases while it works.")
+@click.option("--dead-letter-topic", default=None, help="Park messages here after --max-delivery-attempts.")
+@click.option("--max-delivery-attempts", type=click.IntRange(5, 100), default=5, show_default=True)
+@guarded
+def setup_pubsub(*, project: str, topic: str, subscription: str, ack_deadline: int, dead_letter_topic: str | None,
+                 max_delivery_attempts: int) -> None:
+    """Create the task topic and the worker's subscription (and a dead-letter topic), unless they exist."""
+    from worker.devservices import ensure_subscription, ensure_topic
+
+    click.echo(ensure_topic(project, topic))
+    if dead_letter_topic:
+        click.echo(ensure_topic(project, dead_letter_topic))
+    click.echo(ensure_subscription(project, topic, subscription, ack_deadline_seconds=ack_deadline,
+                                   dead_letter_topic=dead_letter_topic, max_delivery_attempts=max_delivery_attempts))
+
+
 @main.group()
 def dev() -> None:
     """Local Pub/Sub emulator and storage server on 127.0.0.1, for trying things out."""

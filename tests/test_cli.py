@@ -9,7 +9,9 @@ import pytest
 from tests.conftest import run_cli
 from worker.engine import Engine
 
-COMMANDS = [[], ["model"], ["model", "prepare"], ["embed"], ["generate"], ["demo"]]
+COMMANDS = [[], ["model"], ["model", "prepare"], ["embed"], ["generate"], ["demo"], ["worker"], ["submit"],
+            ["submit-batch"], ["status"], ["results"], ["setup-pubsub"], ["dev"], ["dev", "up"], ["dev", "down"],
+            ["dev", "status"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "main")
@@ -61,3 +63,21 @@ def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], words: str) -
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert words in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.emulator
+def test_setup_pubsub_creates_topic_subscription_and_dead_letter_policy(pubsub_emulator) -> None:
+    # Given the emulator / When setup-pubsub runs twice (the second time finds everything in place)
+    from google.cloud import pubsub_v1
+
+    args = ["setup-pubsub", "--project", "test-project", "--topic", "cli-tasks", "--subscription", "cli-worker",
+            "--dead-letter-topic", "cli-dead", "--max-delivery-attempts", "7"]
+    first, second = run_cli(*args), run_cli(*args)
+    # Then both succeed and the subscription carries the dead-letter and retry policies
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr, second.stderr)
+    client = pubsub_v1.SubscriberClient()
+    sub = client.get_subscription(subscription="projects/test-project/subscriptions/cli-worker")
+    client.close()
+    assert sub.dead_letter_policy.dead_letter_topic == "projects/test-project/topics/cli-dead"
+    assert sub.dead_letter_policy.max_delivery_attempts == 7
+    assert sub.retry_policy.minimum_backoff.seconds == 10
