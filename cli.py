@@ -186,18 +186,22 @@ project_option = click.option("--project", envvar=["PUBSUB_PROJECT_ID", "GOOGLE_
               envvar="GEMMA_BATCH_MAX_BYTES", help="Flow control: most message bytes in flight.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
               envvar="GEMMA_BATCH_MAX_ATTEMPTS", help="Deliveries before a transient failure becomes an error result.")
+@click.option("--max-message-bytes", type=click.IntRange(min=1), default=10_000_000, show_default=True,
+              envvar="GEMMA_BATCH_MAX_MESSAGE_BYTES", help="Larger messages get a message_too_large error result.")
 @model_options
 @guarded
 def worker(*, subscription: str, results: str, max_wait_ms: int, max_messages: int, max_bytes: int,
-           max_attempts: int, settings: Settings) -> None:
+           max_attempts: int, max_message_bytes: int, settings: Settings) -> None:
     """Pull tasks, run them in batches, write results, then ack. SIGTERM or Ctrl-C stops it in order."""
     import dataclasses
 
-    from worker.app import run_pull_worker
+    from worker.app import exit_process, run_pull_worker
 
     settings = dataclasses.replace(settings, max_wait_ms=max_wait_ms, flow_max_messages=max_messages,
-                                   flow_max_bytes=max_bytes, max_attempts=max_attempts)
+                                   flow_max_bytes=max_bytes, max_attempts=max_attempts,
+                                   max_message_bytes=max_message_bytes)
     run_pull_worker(settings, subscription=subscription, results=results)
+    exit_process(0)
 
 
 @main.command("submit")
@@ -361,9 +365,11 @@ def results_cmd(*, batch_id: str, results: str, out: Path, errors: Path | None, 
               help="Seconds; the worker extends leases while it works.")
 @click.option("--dead-letter-topic", default=None, help="Park messages here after --max-delivery-attempts.")
 @click.option("--max-delivery-attempts", type=click.IntRange(5, 100), default=5, show_default=True)
+@click.option("--retry-backoff", type=(click.IntRange(0, 600), click.IntRange(0, 600)), default=None,
+              help="MIN MAX seconds before a nacked message comes back (exponential); default: at once.")
 @guarded
 def setup_pubsub(*, project: str, topic: str, subscription: str, ack_deadline: int, dead_letter_topic: str | None,
-                 max_delivery_attempts: int) -> None:
+                 max_delivery_attempts: int, retry_backoff: tuple[int, int] | None) -> None:
     """Create the task topic and the worker's subscription (and a dead-letter topic), unless they exist."""
     from worker.devservices import ensure_subscription, ensure_topic
 
@@ -371,7 +377,8 @@ def setup_pubsub(*, project: str, topic: str, subscription: str, ack_deadline: i
     if dead_letter_topic:
         click.echo(ensure_topic(project, dead_letter_topic))
     click.echo(ensure_subscription(project, topic, subscription, ack_deadline_seconds=ack_deadline,
-                                   dead_letter_topic=dead_letter_topic, max_delivery_attempts=max_delivery_attempts))
+                                   dead_letter_topic=dead_letter_topic, max_delivery_attempts=max_delivery_attempts,
+                                   retry_backoff_s=retry_backoff))
 
 
 @main.group()
@@ -414,6 +421,66 @@ def dev_status_cmd(*, state_dir: Path) -> None:
     click.echo(json.dumps(dev_status(state_dir), indent=2, default=str))
 
 
+@main.command("serve")
+@click.option("--host", default="0.0.0.0", show_default=True, envvar="GEMMA_BATCH_HOST",
+              help="Address to bind; 127.0.0.1 keeps it on this machine.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, envvar="PORT",
+              help="Port to listen on (Cloud Run sets PORT).")
+@click.option("--results", default=None, envvar="GEMMA_BATCH_RESULTS",
+              help="Where push and pull results go: gs://bucket/prefix or a local directory. Without it, "
+                   "/pubsub/push answers 501 and only the synchronous routes work.")
+@click.option("--subscription", default=None, envvar="GEMMA_BATCH_SUBSCRIPTION",
+              help="Also pull tasks from projects/P/subscriptions/S, on the same model and batcher (needs --results).")
+@click.option("--max-wait-ms", type=click.IntRange(min=0), default=20, show_default=True,
+              envvar="GEMMA_BATCH_MAX_WAIT_MS", help="How long a request waits for batch mates.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=16 * 1024 * 1024, show_default=True,
+              envvar="GEMMA_BATCH_MAX_REQUEST_BYTES", help="Larger request bodies get 413.")
+@click.option("--max-texts-per-request", type=click.IntRange(min=1), default=256, show_default=True,
+              envvar="GEMMA_BATCH_MAX_TEXTS", help="Most texts in one embed request or task (413 above).")
+@click.option("--max-queued-requests", type=click.IntRange(min=1), default=256, show_default=True,
+              envvar="GEMMA_BATCH_MAX_QUEUED_REQUESTS", help="Inference and push requests in flight; more get 429.")
+@click.option("--retry-after", "retry_after_s", type=click.IntRange(min=1), default=1, show_default=True,
+              envvar="GEMMA_BATCH_RETRY_AFTER", help="Seconds sent in Retry-After with 429 and 503.")
+@click.option("--push-audience", default=None, envvar="GEMMA_BATCH_PUSH_AUDIENCE",
+              help="Require a Google-signed OIDC token for this audience on /pubsub/push (401/403 otherwise).")
+@click.option("--push-service-account", default=None, envvar="GEMMA_BATCH_PUSH_SERVICE_ACCOUNT",
+              help="With --push-audience: the token must also be this verified email (the push service account).")
+@click.option("--oidc-certs-url", default="https://www.googleapis.com/oauth2/v1/certs", show_default=True,
+              envvar="GEMMA_BATCH_OIDC_CERTS_URL", help="Where the token signing certificates are fetched.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
+              envvar="GEMMA_BATCH_MAX_ATTEMPTS", help="Deliveries before a transient failure becomes an error result.")
+@model_options
+@guarded
+def serve(*, host: str, port: int, results: str | None, subscription: str | None, max_wait_ms: int,
+          max_request_bytes: int, max_texts_per_request: int, max_queued_requests: int, retry_after_s: int,
+          push_audience: str | None, push_service_account: str | None, oidc_certs_url: str, max_attempts: int,
+          settings: Settings) -> None:
+    """Serve HTTP: /healthz, /readyz, /generate, /embed, /v1/... (OpenAI), /pubsub/push, /metrics.
+
+    The model loads in the background, so /healthz answers at once. SIGTERM stops the pull worker, then
+    lets requests in flight finish."""
+    import dataclasses
+
+    from worker.app import exit_process
+    from worker.auth import PushAuthConfig
+    from worker.service import ServiceConfig, ServiceLimits
+    from worker.service_run import run_service
+
+    if subscription and not results:
+        raise CliError("--subscription needs --results (or GEMMA_BATCH_RESULTS): pulled tasks write results there")
+    if push_service_account and not push_audience:
+        raise CliError("--push-service-account needs --push-audience: the token is checked for both")
+    settings = dataclasses.replace(settings, max_wait_ms=max_wait_ms, max_texts_per_task=max_texts_per_request,
+                                   max_attempts=max_attempts)
+    limits = ServiceLimits(max_request_bytes=max_request_bytes, max_texts=max_texts_per_request,
+                           max_queued_requests=max_queued_requests, retry_after_s=retry_after_s)
+    push_auth = PushAuthConfig(audience=push_audience, service_account=push_service_account,
+                               certs_url=oidc_certs_url) if push_audience else None
+    run_service(settings, results=results, host=host, port=port,
+                config=ServiceConfig(limits=limits, push_auth=push_auth, subscription=subscription))
+    exit_process(0)
+
+
 @main.command("demo")
 @click.option("--texts", "n_texts", type=click.IntRange(min=1), default=300, show_default=True,
               help="How many standard-library docstrings to embed.")
@@ -432,6 +499,140 @@ def demo(*, n_texts: int, n_prompts: int, out_dir: Path, engine_only: bool, sett
         run_engine_demo(settings, n_texts=n_texts, echo=click.echo)
     else:
         run_pipeline_demo(settings, n_embed=n_texts, n_generate=n_prompts, out_dir=out_dir, echo=click.echo)
+
+
+def reembed_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by `reembed` (local runner) and `reembed-task` (one Cloud Run task)."""
+    options = [
+        click.option("--nodes", required=True, envvar="GEMMA_BATCH_NODES",
+                     help="Node file (.jsonl or .parquet), directory or prefix; local path or gs://bucket/prefix."),
+        click.option("--out", required=True, envvar="GEMMA_BATCH_EMBEDDINGS",
+                     help="Where runs go: gs://bucket/prefix or a local directory."),
+        click.option("--run-id", default=None, envvar="GEMMA_BATCH_RUN_ID",
+                     help="Run id shared by all tasks. Default: $CLOUD_RUN_EXECUTION, else a new one."),
+        click.option("--previous", default=None, envvar="GEMMA_BATCH_PREVIOUS_RUN",
+                     help="Run whose vectors are reused for unchanged nodes; 'none' embeds all. Default: latest."),
+        click.option("--dims", type=click.IntRange(min=1), default=None, help="Keep the first N dimensions."),
+        click.option("--strict", is_flag=True, help="Fail on any invalid node line instead of counting it."),
+        click.option("--id-field", default="id", show_default=True, help="Field (or column) holding the node id."),
+        click.option("--text-field", default="text", show_default=True, help="Field (or column) holding the text."),
+        click.option("--chunk-rows", type=click.IntRange(min=1), default=256, show_default=True,
+                     envvar="GEMMA_BATCH_CHUNK_ROWS", help="Rows per checkpoint; a retry redoes at most one chunk."),
+        click.option("--task-timeout", type=click.FloatRange(min=1), default=None, envvar="CLOUD_RUN_TASK_TIMEOUT",
+                     help="Seconds a task may run (the job's timeoutSeconds); it checkpoints and exits before."),
+        click.option("--timeout-margin", type=click.FloatRange(min=0), default=None,
+                     help="Seconds kept free before --task-timeout. Default: 10% of it, at most 120."),
+        click.option("--progress-interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+                     envvar="GEMMA_BATCH_PROGRESS_INTERVAL", help="Seconds between progress log lines."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def reembed_config(**kwargs: Any) -> Any:
+    from jobs.reembed import JobConfig
+
+    return JobConfig(nodes=kwargs["nodes"], out=kwargs["out"], run_id=kwargs["run_id"] or "",
+                     previous=kwargs["previous"], dims=kwargs["dims"], strict=kwargs["strict"],
+                     id_field=kwargs["id_field"], text_field=kwargs["text_field"], chunk_rows=kwargs["chunk_rows"],
+                     task_timeout_s=kwargs["task_timeout"], timeout_margin_s=kwargs["timeout_margin"],
+                     progress_interval_s=kwargs["progress_interval"])
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The model options as the environment variables a child `reembed-task` reads them from."""
+    values = {"GEMMA_BATCH_MODEL": settings.model, "GEMMA_BATCH_CACHE": str(settings.cache_dir),
+              "GEMMA_BATCH_DEVICE": settings.device, "GEMMA_BATCH_MAX_INPUT_TOKENS": settings.max_input_tokens,
+              "GEMMA_BATCH_TOKEN_BUDGET": settings.token_budget, "GEMMA_BATCH_MAX_BATCH_SIZE": settings.max_batch_size}
+    return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def job_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A re-embedding error as one line: [code] message (and whether running again helps)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from jobs.errors import JobError
+
+        try:
+            return fn(*args, **kwargs)
+        except JobError as exc:
+            again = " (running the same command again may succeed)" if exc.retryable else ""
+            raise CliError(f"[{exc.code}] {exc.message}{again}") from None
+
+    return wrapper
+
+
+@main.command("reembed")
+@reembed_options
+@click.option("--tasks", type=click.IntRange(min=1, max=1000), default=1, show_default=True,
+              help="Task processes, each one shard (CLOUD_RUN_TASK_COUNT).")
+@click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Retries per failed task, as the Cloud Run job's maxRetries.")
+@model_options
+@guarded
+@job_errors
+def reembed(*, tasks: int, max_retries: int, settings: Settings, **options: Any) -> None:
+    """Re-embed every node on this machine with N task processes, exactly as the Cloud Run job does."""
+    import dataclasses
+
+    from jobs.local import run_local
+    from jobs.progress import ProgressView
+    from jobs.reembed import new_run_id
+
+    config = reembed_config(**options)
+    config = dataclasses.replace(config, run_id=config.run_id or new_run_id())
+    click.echo(f"run {config.run_id}: {tasks} task(s) over {config.nodes} -> {config.out}", err=True)
+    view = ProgressView(label=f"run {config.run_id}", interval_s=config.progress_interval_s)
+    try:
+        result = run_local(config, task_command=[sys.executable, str(Path(__file__).resolve()), "reembed-task"],
+                           tasks=tasks, max_retries=max_retries, env=settings_env(settings),
+                           on_progress=lambda c: view.update(c.done, c.total))
+    finally:
+        view.close()
+    m = result.manifest
+    retried = {i: len(h) - 1 for i, h in result.attempts.items() if len(h) > 1}
+    emit({"run_id": m["run_id"], "nodes": m["node_count"], "embedded": m["embedded"], "reused": m["reused"],
+          "invalid": m["invalid"]["count"], "truncated": m["truncated"], "duration_s": m["duration_s"],
+          "retries": retried, "manifest": f"{config.out.rstrip('/')}/{m['run_id']}/_MANIFEST.json"})
+
+
+@main.command("reembed-task")
+@reembed_options
+@model_options
+def reembed_task(*, settings: Settings, **options: Any) -> None:
+    """One task of a re-embedding run (the Cloud Run job's command); CLOUD_RUN_TASK_* pick its shard.
+
+    Exits 0 when its shard is written, 75 when a retry can continue (time budget, storage), 2 otherwise."""
+    from jobs.reembed import run_task_command
+
+    def load_engine() -> Any:
+        from worker.engine import build_engine  # torch loads only once the nodes are known to be usable
+
+        return build_engine(settings)
+
+    sys.exit(run_task_command(reembed_config(**options), engine_factory=load_engine))
+
+
+@main.command("reembed-status")
+@click.option("--out", required=True, envvar="GEMMA_BATCH_EMBEDDINGS", help="The runs' location (as for reembed).")
+@click.option("--run", "run_id", default=None, help="Show this run's progress instead of the latest finished run.")
+@guarded
+@job_errors
+def reembed_status(*, out: str, run_id: str | None) -> None:
+    """Print the run `latest` names and its manifest (or, with --run, how far that run is) as JSON."""
+    from jobs.runs import read_latest, read_manifest, run_status
+    from worker.store import open_store
+
+    store = open_store(out)
+    if run_id:
+        click.echo(json.dumps(run_status(store, run_id), indent=2))
+        return
+    pointer = read_latest(store)
+    if pointer is None:
+        raise CliError(f"no finished run at {out} yet (no 'latest' pointer); run `reembed` first")
+    click.echo(json.dumps({"latest": pointer, "manifest": read_manifest(store, pointer["run_id"])}, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ class DecodeError(TaskError):
         self.task_id: str | None = _safe_or_none(fields.get("task_id"))
         self.batch_id: str | None = _safe_or_none(fields.get("batch_id"))
         custom_id = fields.get("custom_id")
-        self.custom_id: str | None = custom_id if isinstance(custom_id, str) and len(custom_id) <= 512 else None
+        self.custom_id: str | None = custom_id if isinstance(custom_id, str) and len(custom_id) <= 512 \
+            and custom_id.isprintable() else None
         kind = fields.get("kind")
         self.kind: str | None = kind if isinstance(kind, str) and kind in TaskKind.__members__.values() else None
 
@@ -90,6 +91,8 @@ def classify_validation_error(exc: ValidationError) -> tuple[ErrorCode, str]:
         return ErrorCode.UNSAFE_IDENTIFIER, (
             f"{leaf} must be 1-128 characters of letters, digits and _.:=+- starting with a letter or digit"
         )
+    if leaf == "custom_id" and kind == "string_pattern_mismatch":
+        return ErrorCode.UNSAFE_IDENTIFIER, "custom_id must not contain control characters"
     if kind in ("string_too_short", "too_short") and (leaf in _EMPTY_INPUT_FIELDS or (loc[-2:-1] and loc[-2] in _EMPTY_INPUT_FIELDS)):
         return ErrorCode.EMPTY_INPUT, f"{field} must not be empty"
     if leaf == "max_tokens":

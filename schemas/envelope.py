@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
@@ -43,18 +43,33 @@ class GeneratePayload(_Payload):
     stop: list[NonEmptyText] = Field(default_factory=list, max_length=16)
     seed: int | None = None
     truncate: bool = False
+    response_schema: dict[str, Any] | None = Field(
+        default=None, description="A JSON Schema object: the text is then JSON of this schema by construction "
+        "(constrained decoding), or the task fails with output_truncated when max_tokens runs out first.")
+
+
+# Large enough that the per-chunk JSON (schemas/graph.py) closes for real documents; see docs/CONSTRAINED.md.
+GRAPH_MAX_TOKENS = 384
+CODE_MAX_TOKENS = 384
+ChunkTokens = Annotated[int, Field(ge=16, description=(
+    "Most document tokens per chunk; longer documents are split, extracted in one batch and merged. "
+    "Default: what the model's input limit leaves beside the prompt and max_tokens."))]
 
 
 class GraphPayload(_Payload):
     text: NonEmptyText = Field(description="The document to turn into a knowledge graph.")
-    title: str | None = None
-    embed_nodes: bool = False
+    title: str | None = Field(default=None, max_length=200)
+    embed_nodes: bool = Field(default=False, description="Also return one embedding per node.")
+    max_tokens: int = Field(default=GRAPH_MAX_TOKENS, ge=1, description="Most new tokens per chunk's JSON.")
+    chunk_tokens: ChunkTokens | None = None
 
 
 class CodePayload(_Payload):
     source: NonEmptyText = Field(description="Source code to analyse.")
-    filename: str | None = None
-    language: str | None = None
+    filename: str | None = Field(default=None, max_length=512)
+    language: str | None = Field(default=None, max_length=24, description="Guessed from filename or content when absent.")
+    max_tokens: int = Field(default=CODE_MAX_TOKENS, ge=1, description="Most new tokens per chunk's JSON.")
+    chunk_tokens: ChunkTokens | None = None
 
 
 class _EnvelopeBase(BaseModel):
@@ -63,8 +78,8 @@ class _EnvelopeBase(BaseModel):
     schema_version: Literal["1"] = SCHEMA_VERSION
     task_id: SafeId = Field(description="Idempotency key: one result object per task id.")
     batch_id: SafeId | None = None
-    custom_id: Annotated[str, StringConstraints(max_length=512)] | None = Field(
-        default=None, description="The caller's own key, echoed in the result."
+    custom_id: Annotated[str, StringConstraints(max_length=512, pattern=r"^[^\x00-\x1f\x7f]*$")] | None = Field(
+        default=None, description="The caller's own key, echoed in the result (no control characters)."
     )
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 

@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     UNSAFE_IDENTIFIER = "unsafe_identifier"
     MESSAGE_TOO_LARGE = "message_too_large"
     INVALID_RESPONSE_SCHEMA = "invalid_response_schema"
+    OUTPUT_TRUNCATED = "output_truncated"
     UNSUPPORTED_KIND = "unsupported_kind"
     MODEL_UNAVAILABLE = "model_unavailable"
     OUT_OF_MEMORY = "out_of_memory"

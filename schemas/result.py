@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.envelope import SCHEMA_VERSION
 from schemas.errors import ErrorInfo
+from schemas.graph import CodeAnalysis, KnowledgeGraph
 
 
 class ResultStatus(StrEnum):
@@ -41,6 +42,25 @@ class GenerateOutput(_Frozen):
     truncated: bool = False
 
 
+class GraphOutput(_Frozen):
+    graph: KnowledgeGraph
+    mermaid: str = Field(description="The graph as Mermaid `graph TD` text, for a person to look at.")
+    chunks: int = Field(description="How many pieces the document was extracted in (1 when it fit at once).")
+    node_embeddings: list[list[float]] | None = Field(
+        default=None, description="With embed_nodes: one vector per node, in the order of graph.nodes.")
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class CodeOutput(_Frozen):
+    analysis: CodeAnalysis
+    language_from: Literal["payload", "filename", "content", "model"] = Field(
+        description="Where analysis.language came from: the request, the file name, the text's own signs, or the model.")
+    chunks: int = Field(description="How many pieces the source was analysed in (1 when it fit at once).")
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class Result(_Frozen):
     schema_version: str = SCHEMA_VERSION
     task_id: str
@@ -48,7 +68,7 @@ class Result(_Frozen):
     batch_id: str | None = None
     kind: str | None = Field(default=None, description="The task's kind, when it could be read.")
     status: ResultStatus
-    output: EmbedOutput | GenerateOutput | None = None
+    output: EmbedOutput | GenerateOutput | GraphOutput | CodeOutput | None = None
     error: ErrorInfo | None = None
     model: str | None = None
     timings: Timings = Field(default_factory=Timings)

@@ -71,7 +71,7 @@ def test_setup_pubsub_creates_topic_subscription_and_dead_letter_policy(pubsub_e
     from google.cloud import pubsub_v1
 
     args = ["setup-pubsub", "--project", "test-project", "--topic", "cli-tasks", "--subscription", "cli-worker",
-            "--dead-letter-topic", "cli-dead", "--max-delivery-attempts", "7"]
+            "--dead-letter-topic", "cli-dead", "--max-delivery-attempts", "7", "--retry-backoff", "10", "600"]
     first, second = run_cli(*args), run_cli(*args)
     # Then both succeed and the subscription carries the dead-letter and retry policies
     assert first.returncode == 0 and second.returncode == 0, (first.stderr, second.stderr)

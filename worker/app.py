@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from schemas.result import Result
 from worker.batcher import BatchStats, TokenBudgetBatcher
@@ -19,6 +22,14 @@ from worker.tasks import TaskContext
 log = logging.getLogger(__name__)
 
 
+class StatsListener(Protocol):
+    """Something else that wants every batch and outcome, such as the service's Prometheus metrics."""
+
+    def on_batch(self, stats: BatchStats) -> None: ...
+
+    def on_outcome(self, outcome: Outcome, result: Result | None) -> None: ...
+
+
 @dataclass
 class Stats:
     """Counters every door and /metrics read; updated from the engine and I/O threads."""
@@ -26,6 +37,7 @@ class Stats:
     outcomes: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     batch_requests: list[int] = field(default_factory=list)
+    listeners: list[StatsListener] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_batch(self, stats: BatchStats) -> None:
@@ -35,39 +47,60 @@ class Stats:
         log.info("batch done", extra={"kind": stats.kind, "requests": stats.requests, "inputs": stats.inputs,
                                       "tokens": stats.tokens, "queue_ms": round(stats.queue_ms, 1),
                                       "run_ms": round(stats.run_ms, 1)})
+        self._tell("on_batch", stats)
 
     def on_outcome(self, outcome: Outcome, result: Result | None) -> None:
         with self.lock:
             self.outcomes[outcome.value] += 1
             if result is not None and result.error is not None:
                 self.errors[result.error.code.value] += 1
+        self._tell("on_outcome", outcome, result)
+
+    def _tell(self, method: str, *args: object) -> None:
+        # Called on the engine thread: a failing listener must cost a log line, not the engine.
+        for listener in tuple(self.listeners):
+            try:
+                getattr(listener, method)(*args)
+            except Exception:  # noqa: BLE001
+                log.exception("stats listener %s failed", type(listener).__name__)
 
 
 @dataclass
 class Runtime:
+    """One model, one batcher, and (given a results location) one store and runner, shared by every door."""
+
     settings: Settings
     engine: Engine
     batcher: TokenBudgetBatcher
-    store: Store
-    runner: Runner
+    store: Store | None
+    runner: Runner | None
     stats: Stats
+    load_s: float = 0.0  # model load plus warm-up, for /metrics
 
     def close(self) -> None:
         """Stop the engine after its current call, then let pending writes finish."""
         self.batcher.stop(timeout=1.0)
-        self.runner.close()
+        if self.runner is not None:
+            self.runner.close()
 
 
-def build_runtime(settings: Settings, *, results: str) -> Runtime:
-    store = open_store(results)
-    engine = build_engine(settings)
-    log.info("model warmed up in %.1fs", engine.warm_up())
+def build_runtime(settings: Settings, *, results: str | None, engine: Engine | None = None) -> Runtime:
+    """Load (unless `engine` is given) and warm the model, and start the batcher. Without `results`
+    there is no store and no runner: such a runtime serves only the synchronous HTTP routes."""
+    started = time.monotonic()
+    store = open_store(results) if results is not None else None
+    if engine is None:
+        engine = build_engine(settings)
+        log.info("model warmed up in %.1fs", engine.warm_up())
     stats = Stats()
     batcher = TokenBudgetBatcher(engine, max_wait_s=settings.max_wait_ms / 1000, max_items=4 * settings.max_batch_size,
                                  on_batch=stats.on_batch).start()
-    runner = Runner(ctx=TaskContext(settings=settings, engine=engine, batcher=batcher), store=store,
-                    on_outcome=stats.on_outcome)
-    return Runtime(settings=settings, engine=engine, batcher=batcher, store=store, runner=runner, stats=stats)
+    runner = None
+    if store is not None:
+        runner = Runner(ctx=TaskContext(settings=settings, engine=engine, batcher=batcher), store=store,
+                        on_outcome=stats.on_outcome)
+    return Runtime(settings=settings, engine=engine, batcher=batcher, store=store, runner=runner, stats=stats,
+                   load_s=time.monotonic() - started)
 
 
 def stop_on_signals(stop: threading.Event) -> None:
@@ -78,6 +111,15 @@ def stop_on_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def exit_process(code: int = 0) -> None:
+    """Leave without interpreter finalisation: the engine thread may still be inside a native call
+    (its results are not needed any more), and tearing down modules under it aborts the process."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_pull_worker(settings: Settings, *, subscription: str, results: str) -> Stats:

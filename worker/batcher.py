@@ -34,6 +34,14 @@ class BatchStats:
     run_ms: float
 
 
+class ShuttingDown(TaskError):
+    """The worker stopped before this request reached the engine: deliver it again, it did not fail."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.MODEL_UNAVAILABLE, "worker is shutting down; the task will be delivered again",
+                         retryable=True)
+
+
 @dataclass(frozen=True)
 class Timed:
     """An engine answer for one request, with how long it queued and how long its call ran."""
@@ -57,30 +65,43 @@ class TokenBudgetBatcher:
     """The only caller of the engine in a serving process."""
 
     def __init__(self, engine: Engine, *, max_wait_s: float = 0.02, max_items: int = 512,
-                 max_queued: int = 4096, on_batch: Callable[[BatchStats], None] | None = None) -> None:
+                 max_call_tokens: int | None = None, max_queued: int = 4096,
+                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
         self.engine = engine
         self.max_wait_s = max_wait_s
         self.max_items = max_items
+        # A few forward batches per call: enough to sort by length, short enough that results
+        # flow steadily and a shutdown waits for seconds, not minutes.
+        self.max_call_tokens = max_call_tokens or 2 * engine.token_budget
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=max_queued)
         self._on_batch = on_batch or (lambda stats: None)
         self._stopping = threading.Event()
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run_guarded, name="engine", daemon=True)
 
     def start(self) -> TokenBudgetBatcher:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop after the call in progress; requests still queued fail as retryable."""
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    def cancel_queued(self) -> int:
+        """Refuse new requests and fail the queued ones with ShuttingDown; the call in progress goes on."""
+        self._closed.set()
+        cancelled = 0
         while True:
             try:
                 req = self._queue.get_nowait()
             except queue.Empty:
-                break
-            req.future.set_exception(TaskError(ErrorCode.MODEL_UNAVAILABLE, "worker is shutting down", retryable=True))
+                return cancelled
+            req.future.set_exception(ShuttingDown())
+            cancelled += 1
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the call in progress; requests still queued fail with ShuttingDown."""
+        self._stopping.set()
+        self.cancel_queued()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.cancel_queued()
 
     @property
     def depth(self) -> int:
@@ -96,8 +117,8 @@ class TokenBudgetBatcher:
         return self._submit("generate", items, params)
 
     def _submit(self, kind: str, items: Sequence[Tokenized], params: dict[str, Any]) -> Future:
-        if self._stopping.is_set():
-            raise TaskError(ErrorCode.MODEL_UNAVAILABLE, "worker is shutting down", retryable=True)
+        if self._closed.is_set():
+            raise ShuttingDown()
         key = (kind, tuple(sorted(params.items())))
         req = _Request(kind=kind, key=key, items=items, params=params)
         try:
@@ -130,9 +151,9 @@ class TokenBudgetBatcher:
                 self._run_group(group)
 
     def _collect(self, first: _Request) -> list[_Request]:
-        pending, count = [first], len(first.items)
+        pending, count, tokens = [first], len(first.items), _tokens(first)
         deadline = first.enqueued + self.max_wait_s
-        while count < self.max_items:
+        while count < self.max_items and tokens < self.max_call_tokens:
             timeout = deadline - time.monotonic()
             try:
                 req = self._queue.get_nowait() if timeout <= 0 else self._queue.get(timeout=timeout)
@@ -140,6 +161,7 @@ class TokenBudgetBatcher:
                 break
             pending.append(req)
             count += len(req.items)
+            tokens += _tokens(req)
         return pending
 
     def _run_group(self, group: list[_Request]) -> None:
@@ -184,6 +206,10 @@ class TokenBudgetBatcher:
                 part = out[start:end]
             req.future.set_result(Timed(value=part, queue_ms=(started - req.enqueued) * 1000, run_ms=run_ms))
             start = end
+
+
+def _tokens(req: _Request) -> int:
+    return sum(len(it.ids) for it in req.items)
 
 
 def _as_task_error(exc: Exception) -> TaskError:

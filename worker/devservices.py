@@ -425,12 +425,14 @@ def ensure_topic(project: str, topic: str, *, publisher: pubsub_v1.PublisherClie
 
 def ensure_subscription(project: str, topic: str, subscription: str, *, ack_deadline_seconds: int = 60,
                         dead_letter_topic: str | None = None, max_delivery_attempts: int = 5,
-                        min_backoff_s: int = 10, max_backoff_s: int = 600,
+                        retry_backoff_s: tuple[int, int] | None = None,
                         subscriber: pubsub_v1.SubscriberClient | None = None) -> str:
     """Create a pull subscription on an existing topic unless it exists; returns its full path.
 
     With `dead_letter_topic`, Pub/Sub counts deliveries (the worker reads `delivery_attempt`) and
-    parks a message there after `max_delivery_attempts`; nacks back off exponentially either way.
+    parks a message there after `max_delivery_attempts`. With `retry_backoff_s` (min, max seconds),
+    nacked messages come back after an exponential backoff instead of at once. (The emulator
+    honours the backoff loosely: it can hold messages far longer, so local set-ups leave it out.)
     An existing subscription on a different topic is an error, not a silent success.
     """
     from google.cloud import pubsub_v1
@@ -438,9 +440,10 @@ def ensure_subscription(project: str, topic: str, subscription: str, *, ack_dead
     client = subscriber or pubsub_v1.SubscriberClient()
     topic_path = client.topic_path(project, topic)
     path = client.subscription_path(project, subscription)
-    request: dict = {"name": path, "topic": topic_path, "ack_deadline_seconds": ack_deadline_seconds,
-                     "retry_policy": {"minimum_backoff": {"seconds": min_backoff_s},
-                                      "maximum_backoff": {"seconds": max_backoff_s}}}
+    request: dict = {"name": path, "topic": topic_path, "ack_deadline_seconds": ack_deadline_seconds}
+    if retry_backoff_s is not None:
+        request["retry_policy"] = {"minimum_backoff": {"seconds": retry_backoff_s[0]},
+                                   "maximum_backoff": {"seconds": retry_backoff_s[1]}}
     if dead_letter_topic:
         request["dead_letter_policy"] = {"dead_letter_topic": client.topic_path(project, dead_letter_topic),
                                          "max_delivery_attempts": max_delivery_attempts}

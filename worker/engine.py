@@ -3,17 +3,20 @@
 restore input order). The batcher knows the engine through these few methods only."""
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from schemas.errors import ErrorCode, TaskError
+from worker.constrained import CompiledSchema, GrammarRows, SchemaGrammars
 from worker.decoding import RowSampler, StopOnStrings, cut_at_stop
 from worker.model.loader import LoadedModel, load_from_settings
 from worker.settings import Settings
@@ -85,6 +88,12 @@ class Engine:
         if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
             self.eos_ids.add(end_of_turn)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters in the vocabulary's longest token (31 for Gemma 3)."""
+        tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        return max(len(t) for t in tokens if t)
+
     @property
     def name(self) -> str:
         return self.model.name
@@ -115,11 +124,17 @@ class Engine:
             if not text.strip():
                 raise TaskError(ErrorCode.EMPTY_INPUT, f"{what} {i} is empty")
         limit = self.max_input_tokens if limit is None else limit
+        # A text far over the limit is tokenized only as far as needed: no token is longer than
+        # `max_token_chars`, so that many characters per allowed token (plus slack for the
+        # boundary) already prove it too long, and a 10 MB message costs milliseconds, not seconds.
+        cap = (limit + 64) * self.max_token_chars if any(len(t) > limit for t in texts) else None
+        heads = [t[:cap] if cap is not None and len(t) > cap else t for t in texts]
         out = []
-        for i, ids in enumerate(self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]):
+        for i, ids in enumerate(self.tokenizer(heads, add_special_tokens=True)["input_ids"]):
             if len(ids) > limit and not truncate:
+                count = f"more than {len(ids)}" if len(heads[i]) < len(texts[i]) else str(len(ids))
                 raise TaskError(ErrorCode.INPUT_TOO_LONG, (
-                    f"{what} {i} has {len(ids)} tokens; the limit is max_input_tokens={limit}. "
+                    f"{what} {i} has {count} tokens; the limit is max_input_tokens={limit}. "
                     "Shorten it or pass truncate=true to cut it at the limit"))
             out.append(Tokenized(ids=tuple(ids[:limit]), truncated=len(ids) > limit))
         return out
@@ -182,20 +197,42 @@ class Engine:
             raise TaskError(ErrorCode.INVALID_PARAMETER, "stop strings must be non-empty strings")
         return stops
 
+    @functools.cached_property
+    def grammars(self) -> SchemaGrammars:
+        """The tokenizer's grammar info and compiled-schema cache, built on the first constrained request."""
+        if self.model.lm is None:
+            raise TaskError(ErrorCode.UNSUPPORTED_KIND, f"model {self.name} is embedding-only and cannot generate")
+        vocab = self.model.lm.get_output_embeddings().weight.shape[0]
+        return SchemaGrammars(self.tokenizer, vocab_size=vocab, stop_token_ids=self.eos_ids)
+
+    def check_response_schema(self, schema: Mapping[str, Any] | str, *,
+                              stop: Sequence[str] | None = None) -> CompiledSchema:
+        """The schema's compiled grammar (cached); a malformed schema raises INVALID_RESPONSE_SCHEMA."""
+        if stop:
+            raise TaskError(ErrorCode.INVALID_PARAMETER,
+                            "stop strings cannot be combined with response_schema: a stop would cut the JSON short")
+        return self.grammars.compile(schema)
+
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
-                 truncate: bool = False) -> list[Generation]:
+                 truncate: bool = False, response_schema: Mapping[str, Any] | str | None = None) -> list[Generation]:
+        """Completions in prompt order; with `response_schema` each text is JSON of that schema, or
+        finish_reason is "length" when max_new_tokens ran out before the value was complete."""
         stops = self.check_generate_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
+        if response_schema is not None:
+            self.check_response_schema(response_schema, stop=stops)
         items = self.tokenize(prompts, truncate=truncate, limit=self.prompt_limit(max_new_tokens), what="prompt")
         return self.generate_tokenized(items, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p, stop=stops, seed=seed)
+                                       top_p=top_p, stop=stops, seed=seed, response_schema=response_schema)
 
     def prompt_limit(self, max_new_tokens: int) -> int:
         """Prompt tokens allowed so that prompt plus new tokens fit the model's positions."""
         return min(self.max_input_tokens, self.model.max_positions - max_new_tokens)
 
     def generate_tokenized(self, items: Sequence[Tokenized], *, max_new_tokens: int, temperature: float = 0.0,
-                           top_p: float = 1.0, stop: Sequence[str] = (), seed: int | None = None) -> list[Generation]:
+                           top_p: float = 1.0, stop: Sequence[str] = (), seed: int | None = None,
+                           response_schema: Mapping[str, Any] | str | None = None) -> list[Generation]:
+        grammar = None if response_schema is None else self.check_response_schema(response_schema, stop=stop)
         results: list[Generation | None] = [None] * len(items)
         costs = [len(it.ids) + max_new_tokens for it in items]
         # Each row samples with its own generator: a seed makes a prompt's text independent of
@@ -204,7 +241,7 @@ class Engine:
         for batch in plan_batches(costs, token_budget=self.token_budget, max_batch_size=self.max_batch_size):
             outs = self._generate_batch([items[i].ids for i in batch], max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, stop=list(stop),
-                                        seeds=[seeds[i] for i in batch])
+                                        seeds=[seeds[i] for i in batch], grammar=grammar)
             for i, (ids, reason) in zip(batch, outs):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 text, stopped = cut_at_stop(text, list(stop)) if stop else (text, False)
@@ -213,7 +250,8 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, rows: list[tuple[int, ...]], *, max_new_tokens: int, temperature: float,
-                        top_p: float, stop: list[str], seeds: list[int]) -> list[tuple[list[int], str]]:
+                        top_p: float, stop: list[str], seeds: list[int],
+                        grammar: CompiledSchema | None = None) -> list[tuple[list[int], str]]:
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -222,6 +260,12 @@ class Engine:
             ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = 1
         processors = LogitsProcessorList()
+        constrained = None
+        if grammar is not None:
+            # First, so that sampling below draws only among the tokens the grammar allows.
+            constrained = GrammarRows([grammar] * len(rows), eos_token_ids=self.eos_ids,
+                                      vocab_size=self.grammars.vocab_size)
+            processors.append(constrained)
         if temperature > 0:
             processors.append(RowSampler(temperature=temperature, top_p=top_p, seeds=seeds))
         criteria = StoppingCriteriaList()
@@ -231,14 +275,16 @@ class Engine:
             out = self.model.lm.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
                 do_sample=False, top_k=None, top_p=None, temperature=None, pad_token_id=pad,
-                logits_processor=processors, stopping_criteria=criteria,
+                eos_token_id=sorted(self.eos_ids), logits_processor=processors, stopping_criteria=criteria,
             )
         results = []
-        for row in out[:, width:].cpu().tolist():
+        for i, row in enumerate(out[:, width:].cpu().tolist()):
             # Rows that finished early are filled with pads after their end.
             cut = next((j for j, t in enumerate(row) if t in self.eos_ids or t == pad), None)
             if cut is not None:
                 results.append((row[:cut], "stop"))
+            elif constrained is not None and constrained.complete(i, last_token=row[-1]):
+                results.append((row, "stop"))  # the value closed on the very last token allowed
             else:
                 results.append((row, "length"))
         return results

@@ -16,7 +16,7 @@ from typing import Any
 from schemas.codec import DecodeError, decode_envelope
 from schemas.errors import ErrorCode, ErrorInfo, TaskError
 from schemas.result import Result, ResultStatus, Timings
-from worker.batcher import Timed
+from worker.batcher import ShuttingDown, Timed
 from worker.store import Store
 from worker.tasks import TaskContext, start_task
 
@@ -67,6 +67,10 @@ class Runner:
         self._io.submit(self._guard, done, self._begin, delivery, done)
         return done
 
+    def cancel_queued(self) -> int:
+        """For shutdown: tasks not yet in an engine call settle at once as RETRY (so they are nacked)."""
+        return self.ctx.batcher.cancel_queued()
+
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=False)
 
@@ -80,11 +84,20 @@ class Runner:
             done.set_result(self._record_undecodable(exc, delivery, attempt))
             return
         name = result_name(task.batch_id, task.task_id)
-        if self.store.exists(name):
-            done.set_result(self._settled(Outcome.DUPLICATE, None, task.task_id))
+        try:
+            if self.store.exists(name):
+                done.set_result(self._settled(Outcome.DUPLICATE, None, task.task_id))
+                return
+        except TaskError as exc:
+            log.warning("could not check for an earlier result, will retry: %s", exc.message,
+                        extra={"task_id": task.task_id})
+            done.set_result(self._settled(Outcome.RETRY, None, task.task_id))
             return
         try:
             running = start_task(task, self.ctx)
+        except ShuttingDown:
+            done.set_result(self._settled(Outcome.RETRY, None, task.task_id))
+            return
         except TaskError as exc:
             done.set_result(self._write(name, self._error_result(task, exc, attempt, started)))
             return
@@ -96,12 +109,20 @@ class Runner:
         try:
             timed: Timed = fut.result()
             output = running.finish(timed.value)
+        except ShuttingDown:
+            done.set_result(self._settled(Outcome.RETRY, None, task.task_id))
+            return
         except TaskError as exc:
             if exc.retryable and attempt < self.ctx.settings.max_attempts:
                 log.warning("task failed, will retry: %s", exc.message, extra={"task_id": task.task_id})
                 done.set_result(self._settled(Outcome.RETRY, None, task.task_id))
-            else:
-                done.set_result(self._write(name, self._error_result(task, exc, attempt, started)))
+                return
+            if exc.retryable:
+                # A poison message: it failed on every delivery, so stop retrying and say why.
+                exc = TaskError(ErrorCode.TOO_MANY_DELIVERIES, (
+                    f"failed on {attempt} deliveries (max_attempts={self.ctx.settings.max_attempts}); "
+                    f"last error: [{exc.code.value}] {exc.message}"), retryable=False)
+            done.set_result(self._write(name, self._error_result(task, exc, attempt, started)))
             return
         timings = Timings(queue_ms=round(timed.queue_ms, 2), inference_ms=round(timed.run_ms, 2),
                           total_ms=round((time.monotonic() - started) * 1000, 2))

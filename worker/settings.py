@@ -33,7 +33,8 @@ class Settings:
     flow_max_messages: int = 256
     flow_max_bytes: int = 100_000_000
     max_lease_s: int = 900
-    drain_s: float = 7.0
+    lease_extension_s: int = 10
+    drain_s: float = 6.0
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from google.cloud import pubsub_v1
@@ -27,12 +28,17 @@ class PullWorker:
         self._in_flight: dict[int, tuple[pubsub_v1.subscriber.message.Message, Future]] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._late_acks: list[str] = []
+        self._late_nacks: list[str] = []
 
     def run(self, stop: threading.Event) -> None:
         """Pull until `stop` is set, re-subscribing after stream failures (e.g. a broker restart)."""
+        # Leases are renewed in short steps up to max_lease_s, so a message held by a worker that
+        # died or left comes back within seconds rather than after the client's 60 s default.
         flow = pubsub_v1.types.FlowControl(
             max_messages=self.settings.flow_max_messages, max_bytes=self.settings.flow_max_bytes,
-            max_lease_duration=self.settings.max_lease_s)
+            max_lease_duration=self.settings.max_lease_s,
+            max_duration_per_lease_extension=self.settings.lease_extension_s)
         backoff = 0.5
         while not stop.is_set():
             stream = self.subscriber.subscribe(self.subscription, self._on_message, flow_control=flow)
@@ -51,7 +57,8 @@ class PullWorker:
 
     def _on_message(self, message: pubsub_v1.subscriber.message.Message) -> None:
         if self._draining.is_set():
-            message.nack()
+            with self._lock:  # arrived while closing: hand it back with the rest
+                self._late_nacks.append(message.ack_id)
             return
         delivery = Delivery(data=message.data, attributes=dict(message.attributes), message_id=message.message_id,
                             delivery_attempt=message.delivery_attempt)
@@ -63,30 +70,54 @@ class PullWorker:
     def _settle(self, message: pubsub_v1.subscriber.message.Message, fut: Future) -> None:
         """Ack or nack: the only place this happens. The runner resolves only after the write."""
         outcome: Outcome = fut.result()
-        if outcome.ack:
-            message.ack()
-        else:
-            message.nack()
         with self._lock:
             self._in_flight.pop(id(fut), None)
+            late = self._draining.is_set()
+            if late:  # the stream is closing: settle with one unary call at the end instead
+                (self._late_acks if outcome.ack else self._late_nacks).append(message.ack_id)
             if not self._in_flight:
                 self._idle.notify_all()
+        if not late:
+            message.ack() if outcome.ack else message.nack()
 
     def _shutdown(self, stream: pubsub_v1.subscriber.futures.StreamingPullFuture) -> None:
-        """Shutdown order: (1) stop taking work, nacking anything newly delivered; (2) give work in
-        flight `drain_s` to finish and be acked while the stream is still open; (3) nack the rest,
-        so Pub/Sub redelivers it at once; (4) close the stream. Cloud Run allows 10 s in all."""
-        self._draining.set()
+        """Shutdown order: (1) close the stream, so nothing new arrives (the client library hands back
+        what it held but had not dispatched); (2) cancel tasks not yet in an engine call; (3) give the
+        call in progress until `drain_s` after the signal to finish and write; (4) ack what was written
+        and nack the rest with direct calls, which do not need the stream. Cloud Run allows 10 s.
+
+        Nacking while the stream is open would only bring the same messages straight back, and with a
+        retry policy every such round trip lengthens their redelivery backoff."""
         deadline = time.monotonic() + self.settings.drain_s
+        self._draining.set()
+        stream.cancel()
+        try:
+            stream.result(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - a cancelled stream may end with any error; we are leaving
+            pass
+        cancelled = self.runner.cancel_queued()
         with self._lock:
             while self._in_flight and time.monotonic() < deadline:
                 self._idle.wait(timeout=max(0.0, deadline - time.monotonic()))
-            left = list(self._in_flight.values())
-        for message, _ in left:
-            message.nack()
-        log.info("stopping: %d in flight left unacknowledged for redelivery", len(left))
-        stream.cancel()
+            self._late_nacks.extend(message.ack_id for message, _ in self._in_flight.values())
+            unfinished = len(self._in_flight)
+            acks, nacks = list(self._late_acks), list(self._late_nacks)
+        self._settle_directly(acks, nacks)
+        log.info("stopped pulling: %d acked while closing, %d handed back for redelivery "
+                 "(%d not yet started, %d unfinished)", len(acks), len(nacks), cancelled, unfinished)
+
+    def _settle_directly(self, acks: list[str], nacks: list[str]) -> None:
+        for i in range(0, len(acks), 1000):
+            self._quietly(self.subscriber.acknowledge, subscription=self.subscription, ack_ids=acks[i:i + 1000])
+        for i in range(0, len(nacks), 1000):
+            self._quietly(self.subscriber.modify_ack_deadline, subscription=self.subscription,
+                          ack_ids=nacks[i:i + 1000], ack_deadline_seconds=0)
+
+    @staticmethod
+    def _quietly(call: Callable[..., object], **kwargs: object) -> None:
+        """A failed ack or nack costs a redelivery (results are create-only, so that is safe)."""
         try:
-            stream.result(timeout=2.0)
-        except Exception:  # noqa: BLE001 - a cancelled stream may end with any error; we are leaving
-            pass
+            call(timeout=2.0, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not settle %d messages while stopping (%s); they will be redelivered",
+                        len(kwargs.get("ack_ids", [])), exc)

@@ -1,0 +1,213 @@
+"""Faults against the real stack (Google's Pub/Sub emulator, fake-gcs-server, the real model,
+`cli.py worker` processes): every accepted task ends with exactly one result object."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from schemas.result import Result
+from tests.fixtures.faultproxy import FaultProxy
+from tests.fixtures.pipeline import (WorkerProcess, count_results, new_topic, publish_raw, wait_for,
+                                     wait_for_count)
+from tests.fixtures.services import TEST_PROJECT
+from tests.reliability.figures import record
+from worker.devservices import PubSubEmulator, ensure_subscription, ensure_topic, free_port
+from worker.store import GCSStore
+
+pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.reliability]
+
+
+def _tasks(prefix: str, n: int, docstrings: list[str], *, chars: int = 300) -> list[tuple[bytes, dict[str, str]]]:
+    return [(json.dumps({"task_id": f"{prefix}-{i}", "kind": "embed",
+                         "payload": {"texts": [docstrings[i % len(docstrings)][:chars]], "dims": 16}}).encode(), {})
+            for i in range(n)]
+
+
+def _assert_exactly_one_valid_result_each(store: GCSStore, prefix: str, n: int) -> None:
+    names = sorted(store.list("adhoc/"))
+    expected = sorted(f"adhoc/{prefix}-{i}.json" for i in range(n))
+    assert names == expected, f"{len(set(expected) - set(names))} missing, {len(set(names) - set(expected))} extra"
+    for name in names:
+        result = Result.model_validate_json(store.get(name))
+        assert result.status == "ok", result.error
+
+
+@pytest.fixture
+def store(gcs_bucket: str, gcs_client) -> GCSStore:
+    return GCSStore(gcs_bucket, "results", client=gcs_client)
+
+
+def _results(store: GCSStore) -> str:
+    return store.uri("x").removesuffix("/x")
+
+
+def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStore, tmp_path: Path,
+                                                 docstrings: list[str]) -> None:
+    # Given 500 tasks and a worker that is SIGKILLed at three random moments while batches are in flight
+    topic, subscription = new_topic(TEST_PROJECT)
+    publish_raw(topic, _tasks("crash", 500, docstrings))
+    rng, kills = random.Random(500), []
+    for k in range(3):
+        worker = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / f"w{k}.log")
+        worker.wait_ready()
+        target = count_results(store) + rng.randint(20, 90)
+        wait_for_count(store, target, timeout=120)
+        worker.stop(signal.SIGKILL)
+        kills.append(count_results(store))
+    # When a fourth worker is started and left to finish
+    final = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "final.log")
+    try:
+        final.wait_ready()
+        missing = wait_for(store, [f"adhoc/crash-{i}.json" for i in range(500)], timeout=300, worker=final)
+    finally:
+        final.stop()
+    # Then 500 of 500 results, one object per task, all valid
+    assert not missing, f"{len(missing)} missing"
+    _assert_exactly_one_valid_result_each(store, "crash", 500)
+    assert kills[-1] < 500, "the kills came too late to test anything"
+    record("crash", tasks=500, sigkills=3, results_at_each_kill=kills, results=500, lost=0, duplicates=0)
+
+
+def test_sigterm_exits_within_10s_and_the_rest_is_redelivered(pubsub_emulator, store: GCSStore, tmp_path: Path,
+                                                              docstrings: list[str]) -> None:
+    # Given a worker busy with a large batch of long texts
+    topic, subscription = new_topic(TEST_PROJECT)
+    publish_raw(topic, _tasks("term", 300, docstrings, chars=1500))
+    first = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "first.log")
+    first.wait_ready()
+    wait_for_count(store, 5, timeout=120)
+    # When it gets SIGTERM (Cloud Run's notice)
+    exit_s = first.stop(signal.SIGTERM)
+    written = count_results(store)
+    # Then it exits within 10 s, having finished part of the work
+    assert first.proc.returncode == 0 and exit_s < 10, (first.proc.returncode, exit_s)
+    assert written < 300
+    # And the next worker completes the rest: nothing was acked without its result
+    second = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "second.log")
+    try:
+        second.wait_ready()
+        missing = wait_for(store, [f"adhoc/term-{i}.json" for i in range(300)], timeout=300, worker=second)
+    finally:
+        second.stop()
+    assert not missing, f"{len(missing)} missing"
+    _assert_exactly_one_valid_result_each(store, "term", 300)
+    record("graceful_stop", tasks=300, exit_seconds=round(exit_s, 2), results_before_stop=written,
+           results=300, lost=0)
+
+
+def test_two_workers_and_duplicate_publishes_give_one_result_per_task(pubsub_emulator, store: GCSStore,
+                                                                      tmp_path: Path, docstrings: list[str]) -> None:
+    # Given two workers on one subscription and 150 tasks each published twice
+    topic, subscription = new_topic(TEST_PROJECT)
+    workers = [WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / f"w{i}.log")
+               for i in range(2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        tasks = _tasks("pair", 150, docstrings)
+        publish_raw(topic, tasks + tasks[::-1])
+        missing = wait_for(store, [f"adhoc/pair-{i}.json" for i in range(150)], timeout=300)
+        time.sleep(3)  # let the second copies settle too
+    finally:
+        for w in workers:
+            w.stop()
+    # Then one result per task id, each written exactly once across both workers, and no errors from the race
+    assert not missing
+    _assert_exactly_one_valid_result_each(store, "pair", 150)
+    outcomes = [w.outcomes() for w in workers]
+    assert sum(o.get("done", 0) for o in outcomes) == 150, outcomes
+    errors = [r for w in workers for r in w.records() if r.get("severity") in ("ERROR", "CRITICAL")]
+    assert errors == []
+    record("two_workers", tasks=150, deliveries_published=300, results=150,
+           written_by_worker=[o.get("done", 0) for o in outcomes],
+           duplicates_recognised=sum(o.get("duplicate", 0) for o in outcomes), lost=0)
+
+
+def test_storage_faults_are_retried_and_nothing_is_lost(pubsub_emulator, storage_server, store: GCSStore,
+                                                        tmp_path: Path, docstrings: list[str]) -> None:
+    # Given a proxy in front of the storage server that spoils 25% of requests (503, reset, delay, lost reply)
+    topic, subscription = new_topic(TEST_PROJECT)
+    with FaultProxy(storage_server.port, rate=0.25, seed=7) as proxy:
+        worker = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "w.log",
+                               env={"STORAGE_EMULATOR_HOST": proxy.url})
+        try:
+            worker.wait_ready()
+            # When 200 tasks run through the worker, which reads and writes through the proxy
+            publish_raw(topic, _tasks("fault", 200, docstrings))
+            missing = wait_for(store, [f"adhoc/fault-{i}.json" for i in range(200)], timeout=300)
+        finally:
+            worker.stop()
+    # Then every task completes with one result, although every kind of fault was injected
+    assert not missing, f"{len(missing)} missing"
+    _assert_exactly_one_valid_result_each(store, "fault", 200)
+    injected = {k: proxy.counts[k] for k in ("503", "reset", "delay", "lost")}
+    assert all(v > 0 for v in injected.values()), injected
+    assert proxy.counts["lost:upload"] > 0, "no landed-but-unacknowledged write was exercised"
+    record("storage_faults", tasks=200, storage_requests=proxy.counts["requests"], faults=injected,
+           lost_replies_on_writes=proxy.counts["lost:upload"], results=200, lost=0)
+
+
+def test_broker_restart_mid_run_the_worker_reconnects_and_finishes(tmp_path: Path, store: GCSStore,
+                                                                   docstrings: list[str]) -> None:
+    # Given a worker pulling from an emulator of its own, with 200 tasks published
+    port = free_port()
+    project = "restart-project"
+    emulator = PubSubEmulator(project=project, port=port).start()
+    env = emulator.env
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            topic = ensure_topic(project, "tasks")
+            subscription = ensure_subscription(project, "tasks", "worker", ack_deadline_seconds=10)
+            tasks = _tasks("restart", 200, docstrings)
+            publish_raw(topic, tasks)
+            worker = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "w.log",
+                                   env=env)
+            try:
+                worker.wait_ready()
+                before = wait_for_count(store, 30, timeout=120)
+                # When the emulator is stopped and started again on the same port (it keeps nothing),
+                # and the publisher, seeing no acknowledgement, publishes the tasks again
+                emulator.stop()
+                time.sleep(2)
+                emulator = PubSubEmulator(project=project, port=port).start()
+                ensure_topic(project, "tasks")
+                ensure_subscription(project, "tasks", "worker", ack_deadline_seconds=10)
+                publish_raw(topic, tasks)
+                missing = wait_for(store, [f"adhoc/restart-{i}.json" for i in range(200)], timeout=300,
+                                   worker=worker)
+            finally:
+                worker.stop()
+    finally:
+        emulator.stop()
+    # Then the same worker process reconnected and finished: one result per task
+    assert not missing, f"{len(missing)} missing"
+    _assert_exactly_one_valid_result_each(store, "restart", 200)
+    assert worker.proc.returncode == 0
+    record("broker_restart", tasks=200, results_before_restart=before, results=200, lost=0)
+
+
+def test_flood_of_5000_tasks_keeps_memory_bounded(pubsub_emulator, store: GCSStore, tmp_path: Path) -> None:
+    # Given 5,000 tasks queued before the worker starts, and flow control of 100 messages in flight
+    topic, subscription = new_topic(TEST_PROJECT, ack_deadline_seconds=60)
+    publish_raw(topic, [(json.dumps({"task_id": f"flood-{i}", "kind": "embed",
+                                     "payload": {"texts": [f"flood task number {i}"], "dims": 8}}).encode(), {})
+                        for i in range(5000)])
+    worker = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "w.log",
+                           extra=["--max-messages", "100"])
+    try:
+        worker.wait_ready()
+        done = wait_for_count(store, 5000, timeout=600)
+        peak_mb = worker.peak_rss_mb()
+    finally:
+        worker.stop()
+    # Then all complete and the worker's peak memory stays bounded (well under 2.5 GB)
+    assert done == 5000
+    assert peak_mb < 2560, peak_mb
+    record("flood", tasks=5000, flow_control_max_messages=100, results=done, peak_rss_mb=round(peak_mb), lost=0)

@@ -1,0 +1,161 @@
+"""JSON-Schema-constrained decoding with xgrammar: the decoded text of a constrained row is JSON
+of the schema by construction. One `SchemaGrammars` per engine holds the tokenizer info (built
+once) and the compiled grammars (once per schema, keyed by canonical JSON); `GrammarRows` is
+the logits processor that gives each row of a batched `generate` its own matcher."""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+import torch
+import xgrammar as xgr
+from transformers import LogitsProcessor
+
+from schemas.errors import ErrorCode, TaskError
+
+MAX_SCHEMA_CHARS = 100_000
+
+
+def canonical_schema(schema: Mapping[str, Any] | str) -> str:
+    """One text per schema (sorted keys, no spaces), so equal schemas share a grammar and a batch."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise TaskError(ErrorCode.INVALID_RESPONSE_SCHEMA, f"response_schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, Mapping):
+        raise TaskError(ErrorCode.INVALID_RESPONSE_SCHEMA,
+                        f"response_schema must be a JSON Schema object, got {type(schema).__name__}")
+    text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise TaskError(ErrorCode.INVALID_RESPONSE_SCHEMA,
+                        f"response_schema has {len(text)} characters; the limit is {MAX_SCHEMA_CHARS}")
+    return text
+
+
+@dataclass(frozen=True)
+class CompiledSchema:
+    """A schema's grammar and validator; `key` is its canonical JSON."""
+
+    key: str
+    grammar: xgr.CompiledGrammar = field(compare=False, repr=False)
+    validator: Any = field(compare=False, repr=False)
+
+    def parse(self, text: str) -> Any:
+        """The decoded value, checked against the schema (a safety net for keywords the grammar cannot enforce)."""
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise TaskError(ErrorCode.INTERNAL, f"constrained output is not JSON ({exc}); please report this") from None
+        error = next(iter(self.validator.iter_errors(value)), None)
+        if error is not None:
+            path = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            raise TaskError(ErrorCode.INVALID_RESPONSE_SCHEMA, (
+                f"the output does not satisfy the schema at {path}: {error.message}; the grammar engine cannot "
+                f"enforce the keyword {error.validator!r}, so drop it from response_schema"))
+        return value
+
+
+class SchemaGrammars:
+    """Compiles JSON Schemas into grammars over one tokenizer; thread-safe, cached by canonical JSON."""
+
+    def __init__(self, tokenizer: Any, *, vocab_size: int, stop_token_ids: Iterable[int],
+                 max_cached: int = 64, max_threads: int = 2) -> None:
+        self.stop_token_ids = sorted(stop_token_ids)
+        self.vocab_size = vocab_size
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                      stop_token_ids=self.stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
+        self._cache: OrderedDict[str, CompiledSchema] = OrderedDict()
+        self._max_cached = max_cached
+        self._lock = threading.Lock()
+
+    def compile(self, schema: Mapping[str, Any] | str) -> CompiledSchema:
+        """The schema's grammar, compiled on first use; a bad schema raises INVALID_RESPONSE_SCHEMA."""
+        key = canonical_schema(schema)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        compiled = self._compile(key)
+        with self._lock:
+            self._cache[key] = compiled
+            while len(self._cache) > self._max_cached:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, key: str) -> CompiledSchema:
+        schema = json.loads(key)
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        try:
+            cls.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+            raise TaskError(ErrorCode.INVALID_RESPONSE_SCHEMA,
+                            f"response_schema is not a valid JSON Schema at {path}: {exc.message}") from None
+        try:
+            # Compact JSON: flexible whitespace would let a small model loop on spaces and newlines.
+            grammar = self._compiler.compile_json_schema(key, any_whitespace=False, strict_mode=True)
+        except RuntimeError as exc:
+            reason = str(exc).rsplit(": ", 1)[-1].strip() if ": " in str(exc) else str(exc).strip()
+            raise TaskError(ErrorCode.INVALID_RESPONSE_SCHEMA,
+                            f"response_schema cannot be turned into a grammar: {reason}") from None
+        return CompiledSchema(key=key, grammar=grammar, validator=cls(schema))
+
+
+class GrammarRows(LogitsProcessor):
+    """One matcher per row of a batched `generate`: masks every token its grammar forbids, and once
+    a row's JSON is complete allows only end-of-sequence, so finished rows stop rather than ramble.
+
+    Rows whose grammar is None are left as they are."""
+
+    def __init__(self, grammars: list[CompiledSchema | None], *, eos_token_ids: Iterable[int], vocab_size: int) -> None:
+        self.matchers = [xgr.GrammarMatcher(g.grammar) if g is not None else None for g in grammars]
+        self.eos = sorted(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.constrained = [i for i, m in enumerate(self.matchers) if m is not None]
+        self.failed = [False] * len(grammars)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=1)
+        self._bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
+        self._first = True
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self._first:
+            self._accept(input_ids[:, -1].tolist())
+        self._first = False
+        live = [i for i in self.constrained if not self._finished(i)]
+        if live:
+            self._batch.batch_fill_next_token_bitmask([self.matchers[i] for i in live], self._bitmask, indices=live)
+            xgr.apply_token_bitmask_inplace(scores, self._bitmask.to(scores.device), vocab_size=self.vocab_size,
+                                            indices=live)
+        ended = [i for i in self.constrained if self._finished(i)]
+        if ended:
+            only_eos = torch.full_like(scores[0], float("-inf"))
+            only_eos[self.eos] = 0.0
+            scores[ended] = only_eos
+        return scores
+
+    def complete(self, row: int, *, last_token: int) -> bool:
+        """Whether a row that used up its tokens still ended on a whole value: `last_token` is the
+        one sampled after the processor's last call (unconstrained rows always count as whole)."""
+        matcher = self.matchers[row]
+        if matcher is None:
+            return True
+        if not self._finished(row) and not matcher.accept_token(last_token):
+            self.failed[row] = True
+        return not self.failed[row] and (matcher.is_terminated() or matcher.is_completed())
+
+    def _finished(self, row: int) -> bool:
+        return self.failed[row] or self.matchers[row].is_terminated()
+
+    def _accept(self, last_tokens: list[int]) -> None:
+        for i in self.constrained:
+            if self._finished(i):
+                continue  # the row already ended; what follows is padding
+            if not self.matchers[i].accept_token(last_tokens[i]):
+                self.failed[i] = True  # cannot happen under the mask; end the row rather than emit garbage
