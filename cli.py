@@ -455,7 +455,7 @@ def serve(*, host: str, port: int, results: str | None, subscription: str | None
           max_request_bytes: int, max_texts_per_request: int, max_queued_requests: int, retry_after_s: int,
           push_audience: str | None, push_service_account: str | None, oidc_certs_url: str, max_attempts: int,
           settings: Settings) -> None:
-    """Serve HTTP: /healthz, /readyz, /generate, /embed, /v1/... (OpenAI), /pubsub/push, /metrics.
+    """Serve HTTP: /healthz, /readyz, /generate, /embed, /graph, /code, /v1/... (OpenAI), /pubsub/push, /metrics.
 
     The model loads in the background, so /healthz answers at once. SIGTERM stops the pull worker, then
     lets requests in flight finish."""

@@ -71,6 +71,8 @@ def run_local(config: JobConfig, *, task_command: Sequence[str], tasks: int, max
                           tasks=tasks, logs=Path(tmp))
                 if on_progress:
                     on_progress(run_counts(store, run_id=config.run_id, task_count=tasks))
+            if on_progress:  # the final state, even if the last tasks ended between two polls
+                on_progress(run_counts(store, run_id=config.run_id, task_count=tasks))
         finally:
             _stop_all(state)
     manifest = read_manifest(store, config.run_id)

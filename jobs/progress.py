@@ -56,9 +56,11 @@ class RateMeter:
 
 def describe_line(numbers: dict[str, float | int | None]) -> str:
     total = numbers["total"]
+    if total is None:
+        return f"{numbers['done']} rows so far; waiting for every task to load the model and plan its shard"
     share = f" ({100 * numbers['done'] / total:.0f}%)" if total else ""
     eta = f", ETA {numbers['eta_s']:.0f}s" if numbers["eta_s"] is not None else ""
-    return f"{numbers['done']}/{total if total is not None else '?'} rows{share}, {numbers['rows_per_s']:.1f} rows/s{eta}"
+    return f"{numbers['done']}/{total} rows{share}, {numbers['rows_per_s']:.1f} rows/s{eta}"
 
 
 class ProgressView:
@@ -75,6 +77,7 @@ class ProgressView:
         self.fields = fields or {}
         self.meter = RateMeter(done=start[0], total=start[1]) if start else None  # (done, total) known upfront
         self.last_log = 0.0
+        self.logged = -1  # rows at the last log line; the line that reaches the total is always written
 
     def update(self, done: int, total: int | None, *, force: bool = False) -> None:
         if self.meter is None and total is not None:
@@ -87,7 +90,8 @@ class ProgressView:
             filled = int(30 * done / total) if total else 0
             self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {describe_line(numbers)}   ")
             self.stream.flush()
-        elif force or time.monotonic() - self.last_log >= self.interval_s:
+        elif force or time.monotonic() - self.last_log >= self.interval_s or (total and done >= total > self.logged):
+            self.logged = done
             self.last_log = time.monotonic()
             entry = {"severity": "INFO", "message": f"{self.label} progress: {describe_line(numbers)}",
                      "time": datetime.now(timezone.utc).isoformat(), **self.fields, **numbers}

@@ -9,6 +9,7 @@ from pydantic import TypeAdapter
 
 from schemas.envelope import ENVELOPE_ADAPTER, CodePayload, EmbedPayload, GeneratePayload, GraphPayload
 from schemas.errors import ErrorCode, ErrorInfo
+from schemas.graph import CodeAnalysis, CodeAnalysisChunk, GraphChunk, KnowledgeGraph
 from schemas.result import Result
 
 SCHEMA_DIR = Path(__file__).parent / "json"
@@ -25,6 +26,10 @@ def rendered_schemas() -> dict[str, str]:
         "payload.generate.schema.json": GeneratePayload.model_json_schema(),
         "payload.graph.schema.json": GraphPayload.model_json_schema(),
         "payload.code.schema.json": CodePayload.model_json_schema(),
+        "knowledge_graph.schema.json": KnowledgeGraph.model_json_schema(),
+        "knowledge_graph.chunk.schema.json": GraphChunk.model_json_schema(),
+        "code_analysis.schema.json": CodeAnalysis.model_json_schema(),
+        "code_analysis.chunk.schema.json": CodeAnalysisChunk.model_json_schema(),
     }
     return {name: json.dumps(body, indent=2, sort_keys=True) + "\n" for name, body in schemas.items()}
 

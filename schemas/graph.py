@@ -16,16 +16,16 @@ NODE_ID_PATTERN = r"^[a-z0-9_]{1,40}$"
 # (MAX_CHUNKS times a chunk's list lengths).
 MAX_CHUNKS = 32
 MAX_GRAPH_NODES = 256
-MAX_GRAPH_EDGES = 512
+MAX_GRAPH_EDGES = 256
 MAX_CODE_ENTITIES = 256
 MAX_CODE_DEPENDENCIES = 256
 MAX_CODE_ISSUES = 128
 
 NodeId = Annotated[str, StringConstraints(pattern=NODE_ID_PATTERN)]
-Label = Annotated[str, StringConstraints(min_length=1, max_length=48)]
-Word = Annotated[str, StringConstraints(min_length=1, max_length=24)]
-Sentence = Annotated[str, StringConstraints(max_length=96)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=48)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=40)]
+Word = Annotated[str, StringConstraints(min_length=1, max_length=20)]
+Sentence = Annotated[str, StringConstraints(max_length=80)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=40)]
 
 
 class _Shape(BaseModel):
@@ -48,8 +48,8 @@ class Edge(_Shape):
 class GraphChunk(_Shape):
     """What the model fills for one chunk; edges may still name unknown nodes (merging drops those)."""
 
-    nodes: list[Node] = Field(min_length=1, max_length=8)
-    edges: list[Edge] = Field(max_length=8)
+    nodes: list[Node] = Field(min_length=1, max_length=5)
+    edges: list[Edge] = Field(max_length=5)
 
 
 class KnowledgeGraph(_Shape):
@@ -86,10 +86,10 @@ class CodeAnalysisChunk(_Shape):
     """What the model fills for one chunk of a source file."""
 
     language: Word
-    summary: Annotated[str, StringConstraints(max_length=160)]
-    entities: list[CodeEntity] = Field(max_length=6)
-    dependencies: list[Name] = Field(max_length=8, description="Imported modules, packages or headers.")
-    issues: list[CodeIssue] = Field(max_length=3)
+    summary: Annotated[str, StringConstraints(max_length=120)]
+    entities: list[CodeEntity] = Field(max_length=5)
+    dependencies: list[Name] = Field(max_length=6, description="Imported modules, packages or headers.")
+    issues: list[CodeIssue] = Field(max_length=2)
 
 
 class CodeAnalysis(_Shape):

@@ -11,12 +11,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.errors import ErrorCode, TaskError
+from worker.constrained import canonical_schema
 from worker.engine import Engine, Tokenized
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,13 @@ class TokenBudgetBatcher:
         return self._submit("embed", items, {"dims": dims, "normalize": normalize})
 
     def submit_generate(self, items: Sequence[Tokenized], *, max_new_tokens: int, temperature: float,
-                        top_p: float, stop: Sequence[str], seed: int | None) -> Future:
+                        top_p: float, stop: Sequence[str], seed: int | None,
+                        response_schema: Mapping[str, Any] | str | None = None) -> Future:
+        # The schema travels as canonical JSON: hashable for the grouping key, and equal schemas
+        # from different requests share one call (and one compiled grammar).
+        schema = None if response_schema is None else canonical_schema(response_schema)
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                  "stop": tuple(stop), "seed": seed}
+                  "stop": tuple(stop), "seed": seed, "response_schema": schema}
         return self._submit("generate", items, params)
 
     def _submit(self, kind: str, items: Sequence[Tokenized], params: dict[str, Any]) -> Future:

@@ -22,7 +22,8 @@ MAX_SCHEMA_CHARS = 100_000
 
 
 def canonical_schema(schema: Mapping[str, Any] | str) -> str:
-    """One text per schema (sorted keys, no spaces), so equal schemas share a grammar and a batch."""
+    """One text per schema (no spaces), so equal schemas share a grammar and a batch. Keys keep
+    their order: the grammar writes an object's properties in the order the schema lists them."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -31,7 +32,7 @@ def canonical_schema(schema: Mapping[str, Any] | str) -> str:
     if not isinstance(schema, Mapping):
         raise TaskError(ErrorCode.INVALID_RESPONSE_SCHEMA,
                         f"response_schema must be a JSON Schema object, got {type(schema).__name__}")
-    text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
     if len(text) > MAX_SCHEMA_CHARS:
         raise TaskError(ErrorCode.INVALID_RESPONSE_SCHEMA,
                         f"response_schema has {len(text)} characters; the limit is {MAX_SCHEMA_CHARS}")

@@ -30,12 +30,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceLimits:
-    """Limits enforced at the edge; None means "the engine's own limit"."""
+    """Limits enforced at the edge; None means "the engine's own limit". Input tokens per text or prompt
+    are the engine's (--max-input-tokens), checked when the task handler tokenizes."""
 
     max_request_bytes: int = 16 * 1024 * 1024  # a 10 MB Pub/Sub message is ~13.4 MB once base64'd in a push
     max_texts: int | None = None  # texts per /embed or /v1/embeddings request (default: settings.max_texts_per_task)
     max_tokens: int | None = None  # max_tokens a request may ask for (default: engine.max_new_tokens)
-    max_input_tokens: int | None = None  # tokens per text or prompt (default: engine.max_input_tokens)
     max_queued_requests: int = 256  # inference and push requests admitted at once; more get 429
     retry_after_s: int = 1
 

@@ -47,7 +47,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNKNOWN_KIND: 400, ErrorCode.UNSUPPORTED_SCHEMA_VERSION: 400, ErrorCode.MISSING_FIELD: 400,
     ErrorCode.INVALID_FIELD: 400, ErrorCode.UNSAFE_IDENTIFIER: 400,
     ErrorCode.EMPTY_INPUT: 422, ErrorCode.INVALID_PARAMETER: 422, ErrorCode.MAX_TOKENS_OUT_OF_RANGE: 422,
-    ErrorCode.INVALID_RESPONSE_SCHEMA: 422,
+    ErrorCode.INVALID_RESPONSE_SCHEMA: 422, ErrorCode.OUTPUT_TRUNCATED: 422,
     ErrorCode.INPUT_TOO_LONG: 413, ErrorCode.TOO_MANY_INPUTS: 413, ErrorCode.MESSAGE_TOO_LARGE: 413,
     ErrorCode.UNKNOWN_BATCH: 404, ErrorCode.DUPLICATE_ID: 409, ErrorCode.BATCH_CONFLICT: 409,
     ErrorCode.UNSUPPORTED_KIND: 501,
@@ -63,7 +63,8 @@ def http_status(exc: TaskError) -> int:
         return 429
     if isinstance(exc, NotSupported):
         return 501
-    return _STATUS.get(exc.code, 503 if exc.retryable else 500)
+    # A code added later without a status here: retryable ones are transient, others the request's.
+    return _STATUS.get(exc.code, 503 if exc.retryable else 422)
 
 
 def error_response(status: int, *, code: str, message: str, retryable: bool = False,

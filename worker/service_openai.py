@@ -5,7 +5,6 @@ no streaming) are the batch contract's."""
 from __future__ import annotations
 
 import base64
-import uuid
 from typing import Any, Literal
 
 import numpy as np
@@ -15,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import ErrorCode, TaskError
 from schemas.openai import AnyTask, envelope_from_openai_line, openai_output_line
-from schemas.result import EmbedOutput, GenerateOutput, Result, ResultStatus
-from worker.service_inference import ERROR_RESPONSES, default_max_tokens, embed, generate
+from schemas.result import Result, ResultStatus
+from worker.service_inference import ERROR_RESPONSES, new_task_id, run_task, with_default_max_tokens
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -66,17 +65,17 @@ class EmbeddingsRequest(_Open):
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse:
     raw = await request.json()
     schema = _pop_response_schema(raw)
-    task = _as_task(raw, url="/v1/completions")
-    return await _complete(request, task, fmt="completions", given_max=raw.get("max_tokens"), schema=schema)
+    task = _as_task(raw, url="/v1/completions", response_schema=schema)
+    return await _complete(request, task, fmt="completions", given_max=raw.get("max_tokens") is not None)
 
 
 @router.post("/chat/completions", responses=ERROR_RESPONSES, summary="OpenAI-compatible chat (Gemma's turn format)")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse:
     raw = await request.json()
     schema = _pop_response_schema(raw)
-    task = _as_task(raw, url="/v1/chat/completions")
-    given = raw.get("max_completion_tokens", raw.get("max_tokens"))
-    return await _complete(request, task, fmt="chat.completions", given_max=given, schema=schema)
+    task = _as_task(raw, url="/v1/chat/completions", response_schema=schema)
+    given = raw.get("max_tokens") is not None or raw.get("max_completion_tokens") is not None
+    return await _complete(request, task, fmt="chat.completions", given_max=given)
 
 
 @router.post("/embeddings", responses=ERROR_RESPONSES, summary="OpenAI-compatible embeddings (float or base64)")
@@ -85,8 +84,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> JSONResponse:
     # The official client asks for base64 unless told otherwise; the batch mapping knows only floats.
     encoding = raw.pop("encoding_format", None) or "float"
     task = _as_task(raw, url="/v1/embeddings")
-    p = task.payload
-    output, _, model = await embed(request, p.texts, dims=p.dims, normalize=p.normalize, truncate=p.truncate)
+    output, _, model = await run_task(request, task)
     answer = _body(task, output, model=model, fmt="embeddings")
     if encoding == "base64":
         for item in answer["data"]:
@@ -102,24 +100,22 @@ async def models(request: Request) -> dict[str, Any]:
             "data": [{"id": name, "object": "model", "created": service.created, "owned_by": "gemma-batch"}]}
 
 
-async def _complete(request: Request, task: AnyTask, *, fmt: str, given_max: Any,
-                    schema: dict[str, Any] | None) -> JSONResponse:
-    p = task.payload
-    max_tokens = default_max_tokens(request, given=given_max, default=p.max_tokens)
-    output, _, model = await generate(request, p.prompt, max_tokens=max_tokens, temperature=p.temperature,
-                                      top_p=p.top_p, stop=p.stop, seed=p.seed, truncate=p.truncate,
-                                      response_schema=schema)
+async def _complete(request: Request, task: AnyTask, *, fmt: str, given_max: bool) -> JSONResponse:
+    task = with_default_max_tokens(request, task, given=given_max)
+    output, _, model = await run_task(request, task)
     return JSONResponse(_body(task, output, model=model, fmt=fmt))
 
 
-def _as_task(raw: dict[str, Any], *, url: str) -> AnyTask:
+def _as_task(raw: dict[str, Any], *, url: str, response_schema: dict[str, Any] | None = None) -> AnyTask:
     """The request body as the batch contract's envelope: same validation, same messages."""
     line = {"custom_id": "http", "method": "POST", "url": url, "body": raw}
-    task, _ = envelope_from_openai_line(line, batch_id=None, task_id=f"req-{uuid.uuid4().hex}")
-    return task
+    task, _ = envelope_from_openai_line(line, batch_id=None, task_id=new_task_id())
+    if response_schema is None:
+        return task
+    return task.model_copy(update={"payload": task.payload.model_copy(update={"response_schema": response_schema})})
 
 
-def _body(task: AnyTask, output: GenerateOutput | EmbedOutput, *, model: str, fmt: str) -> dict[str, Any]:
+def _body(task: AnyTask, output: BaseModel, *, model: str, fmt: str) -> dict[str, Any]:
     result = Result(task_id=task.task_id, kind=task.kind, status=ResultStatus.OK, output=output, model=model)
     return openai_output_line(result, fmt=fmt)["response"]["body"]
 

@@ -110,8 +110,8 @@ async def pubsub_push(request: Request) -> JSONResponse:
             await _record_malformed(runtime.runner, exc)
             raise
         outcome: Outcome = await asyncio.wrap_future(runtime.runner.submit(delivery))
-    log.info("push settled: %s", outcome.value, extra={"outcome": outcome.value,
-                                                        "task_id": delivery.attributes.get("task_id")})
+    log.info("push settled: %s", outcome.value, extra={"outcome": outcome.value, **(
+        {"task_id": delivery.attributes["task_id"]} if "task_id" in delivery.attributes else {})})
     if not outcome.ack:
         raise TaskError(ErrorCode.MODEL_UNAVAILABLE, "the task could not be settled now (storage or model "
                                                      "unavailable, or shutting down); deliver it again",

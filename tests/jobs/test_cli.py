@@ -23,21 +23,21 @@ def test_reembed_commands_have_help(command: str) -> None:
 
 @pytest.mark.slow
 def test_reembed_runs_task_processes_retries_them_and_status_shows_the_run(engine: Engine, tmp_path: Path) -> None:
-    # Given 24 real nodes, split 16/8 over two tasks, and a 1-second task timeout that model loading
-    # alone exceeds, so a task may write one 8-row checkpoint per attempt
-    nodes = corpus_nodes(24)
+    # Given 16 real nodes, split 10/6 over two tasks, and a 1-second task timeout that model loading
+    # alone exceeds, so a task may write one 6-row checkpoint per attempt
+    nodes = corpus_nodes(16)
     src = write_nodes(tmp_path / "nodes", nodes, files=2)
     out = tmp_path / "out"
     # When the job runs locally with 2 task processes
     result = run_cli("reembed", "--nodes", str(src), "--out", str(out), "--tasks", "2", "--device", "cpu",
-                     "--run-id", "local-1", "--chunk-rows", "8", "--task-timeout", "1", "--timeout-margin", "0",
+                     "--run-id", "local-1", "--chunk-rows", "6", "--task-timeout", "1", "--timeout-margin", "0",
                      "--progress-interval", "1")
-    # Then the 16-row task was retried once (exit 75, then attempt 1) and the run finished
+    # Then the 10-row task was retried once (exit 75, then attempt 1) and the run finished
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["run_id"] == "local-1" and summary["retries"] == {"0": 1}
-    assert (summary["nodes"], summary["embedded"], summary["reused"], summary["invalid"]) == (24, 24, 0, 0)
-    assert "progress: 24/24 rows (100%)" in result.stderr
+    assert (summary["nodes"], summary["embedded"], summary["reused"], summary["invalid"]) == (16, 16, 0, 0)
+    assert "progress: 16/16 rows (100%)" in result.stderr
     # And its vectors are the engine's
     got = run_vectors(LocalStore(out), "local-1")
     want = engine.embed([n["text"] for n in nodes]).vectors
@@ -48,8 +48,8 @@ def test_reembed_runs_task_processes_retries_them_and_status_shows_the_run(engin
     # Then it names the latest run with its manifest, and the run's progress
     assert status.returncode == 0, status.stderr
     shown = json.loads(status.stdout)
-    assert shown["latest"]["run_id"] == "local-1" and shown["manifest"]["node_count"] == 24
-    assert json.loads(progress.stdout)["rows_planned"] == 24
+    assert shown["latest"]["run_id"] == "local-1" and shown["manifest"]["node_count"] == 16
+    assert json.loads(progress.stdout)["rows_planned"] == 16
 
 
 def test_reembed_strict_fails_naming_the_bad_line(tmp_path: Path) -> None:

@@ -25,10 +25,10 @@ if TYPE_CHECKING:
 
 @pytest.mark.slow
 def test_shards_hold_every_valid_node_once_and_match_a_single_task_run(engine: Engine, tmp_path: Path) -> None:
-    # Given 60 real nodes spread over two JSONL files and one Parquet file in one directory
-    nodes = corpus_nodes(60)
-    src = write_nodes(tmp_path / "nodes", nodes[:40], files=2)
-    (src / "nodes-extra.parquet").write_bytes(parquet_bytes(nodes[40:]))
+    # Given 40 real nodes spread over two JSONL files and one Parquet file in one directory
+    nodes = corpus_nodes(40)
+    src = write_nodes(tmp_path / "nodes", nodes[:28], files=2)
+    (src / "nodes-extra.parquet").write_bytes(parquet_bytes(nodes[28:]))
     store = LocalStore(tmp_path / "out")
     # When the same nodes are re-embedded by 1, 3 and 4 tasks (tasks run out of order)
     manifests, vectors = {}, {}
@@ -40,7 +40,7 @@ def test_shards_hold_every_valid_node_once_and_match_a_single_task_run(engine: E
         vectors[tasks] = run_vectors(store, f"tasks-{tasks}")
     # Then every node is in exactly one shard, the one its id hashes to, in id order
     for tasks, manifest in manifests.items():
-        assert manifest["node_count"] == 60 and manifest["embedded"] == 60 and manifest["invalid"]["count"] == 0
+        assert manifest["node_count"] == 40 and manifest["embedded"] == 40 and manifest["invalid"]["count"] == 0
         assert [s["rows"] for s in manifest["shards"]] == [
             sum(1 for n in nodes if shard_of(n["id"], tasks) == i) for i in range(tasks)]
         for i in range(tasks):
@@ -54,8 +54,8 @@ def test_shards_hold_every_valid_node_once_and_match_a_single_task_run(engine: E
 
 @pytest.mark.slow
 def test_incremental_run_embeds_only_changed_nodes_and_equals_a_full_run(engine: Engine, tmp_path: Path) -> None:
-    # Given a finished run over 60 nodes, then 10% of their texts changed
-    nodes = corpus_nodes(60)
+    # Given a finished run over 40 nodes, then 10% of their texts changed
+    nodes = corpus_nodes(40)
     out = tmp_path / "out"
     store = LocalStore(out)
     first = write_nodes(tmp_path / "v1", nodes)
@@ -70,11 +70,11 @@ def test_incremental_run_embeds_only_changed_nodes_and_equals_a_full_run(engine:
                                         chunk_rows=16), tasks=3, engine=engine)
     run_all_tasks(JobConfig(nodes=str(second), out=str(out), run_id="full", previous="none", chunk_rows=16),
                   tasks=1, engine=engine)
-    # Then only the 6 changed nodes were embedded, the rest reused, as the summaries and manifests say
+    # Then only the 4 changed nodes were embedded, the rest reused, as the summaries and manifests say
     for run_id, summaries in (("day-2", same), ("day-2b", regrouped)):
-        assert sum(s.embedded for s in summaries) == 6 and sum(s.reused for s in summaries) == 54
+        assert sum(s.embedded for s in summaries) == 4 and sum(s.reused for s in summaries) == 36
         manifest = read_manifest(store, run_id)
-        assert (manifest["embedded"], manifest["reused"], manifest["previous"]) == (6, 54, "day-1")
+        assert (manifest["embedded"], manifest["reused"], manifest["previous"]) == (4, 36, "day-1")
     # And the incremental results equal the full re-run's
     full = run_vectors(store, "full")
     for run_id in ("day-2", "day-2b"):

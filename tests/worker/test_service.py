@@ -136,6 +136,23 @@ def test_openai_client_gets_the_engines_answers(server: BackgroundServer, engine
     assert [m.id for m in models.data] == [engine.name]
 
 
+def test_response_schema_constrains_the_output_natively_and_through_openai(
+        http: httpx.Client, server: BackgroundServer) -> None:
+    # Given a JSON Schema, asked for on /generate and as OpenAI's response_format
+    schema = {"type": "object", "properties": {"answer": {"type": "boolean"}}, "required": ["answer"]}
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    # When the service generates under it
+    native = http.post("/generate", json={"prompt": "Is the sky blue? JSON:", "max_tokens": 16,
+                                          "response_schema": schema})
+    chat = client.chat.completions.create(
+        model="gemma", messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=16,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    # Then both texts are JSON of the schema
+    assert native.status_code == 200, native.text
+    for text in (native.json()["text"], chat.choices[0].message.content):
+        assert isinstance(json.loads(text)["answer"], bool), text
+
+
 def test_concurrent_requests_share_batches_and_match_lone_answers(http: httpx.Client, server: BackgroundServer) -> None:
     # Given four prompts and four texts, each first sent alone
     prompts = ["Water boils at", "1, 2, 3, 4,", "The three primary colours are", "def add(a, b):"]

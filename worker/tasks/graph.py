@@ -15,13 +15,15 @@ GRAPH_SCHEMA = GraphChunk.model_json_schema()
 # Few-shot in plain completion form: a small base model follows an example better than an
 # instruction, and the example's key order and spacing are the grammar's own.
 PROMPT_HEAD = (
-    "Extract the entities of each text and the relations between them as a JSON knowledge graph.\n\n"
-    "Text: Guido van Rossum created Python at CWI, a research institute in the Netherlands.\n"
-    'JSON: {"nodes": [{"id": "guido_van_rossum", "label": "Guido van Rossum", "type": "person"}, '
-    '{"id": "python", "label": "Python", "type": "language"}, '
-    '{"id": "cwi", "label": "CWI", "type": "organization", "description": "A research institute in the Netherlands."}], '
-    '"edges": [{"source": "guido_van_rossum", "target": "python", "relation": "created"}, '
-    '{"source": "python", "target": "cwi", "relation": "created at"}]}\n\n'
+    "Extract a knowledge graph from each text: its entities as nodes and the relations between them as "
+    "edges. Use names from the text.\n\n"
+    "Text: The csv module reads and writes tabular data in CSV format. Its DictReader class maps each row "
+    "to a dictionary.\n"
+    'JSON: {"nodes": [{"id": "csv", "label": "csv", "type": "module"}, '
+    '{"id": "dictreader", "label": "DictReader", "type": "class", "description": "Maps each row to a dictionary."}, '
+    '{"id": "csv_format", "label": "CSV format", "type": "format"}], '
+    '"edges": [{"source": "csv", "target": "csv_format", "relation": "reads"}, '
+    '{"source": "dictreader", "target": "csv", "relation": "part of"}]}\n\n'
 )
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from schemas.errors import ErrorCode, TaskError
-from worker.tasks import embed, generate
+from worker.tasks import code, embed, generate, graph
 from worker.tasks.base import Started, TaskContext
 
 HANDLERS: dict[str, Callable[..., Started]] = {
     "embed": embed.start,
     "generate": generate.start,
+    "graph": graph.start,
+    "code": code.start,
 }
 
 

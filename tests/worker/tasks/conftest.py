@@ -1,0 +1,29 @@
+"""A task context like the worker's: the real engine behind a real batcher, shared by these tests."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from worker.batcher import BatchStats, TokenBudgetBatcher
+from worker.engine import Engine
+from worker.settings import Settings
+from worker.tasks import TaskContext
+
+
+@pytest.fixture(scope="session")
+def batch_log() -> list[BatchStats]:
+    return []
+
+
+@pytest.fixture(scope="session")
+def ctx(settings: Settings, engine: Engine, batch_log: list[BatchStats]) -> Iterator[TaskContext]:
+    # The session's model with a larger forward budget: a CPU decode step reads every weight
+    # whatever the batch, so 16 rows per step cost little more than 3 (the CPU default's share).
+    wide = Engine(engine.model, max_input_tokens=engine.max_input_tokens, token_budget=16384,
+                  max_batch_size=32, max_new_tokens=engine.max_new_tokens)
+    batcher = TokenBudgetBatcher(wide, max_wait_s=0.2, on_batch=batch_log.append).start()
+    try:
+        yield TaskContext(settings=settings, engine=wide, batcher=batcher)
+    finally:
+        batcher.stop()
