@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench schemas clean-venv
+.PHONY: setup demo test test-reliability bench schemas clean-venv
 
 setup: $(STAMP)
 	$(PY) cli.py model prepare
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fault suite at full size (500-task crash run, 5,000-task flood); `make test` runs it lighter.
+test-reliability: setup
+	GEMMA_BATCH_RELIABILITY=full $(PY) -m pytest -m reliability $(PYTEST_ARGS)
 
 schemas: $(STAMP)
 	$(PY) -m schemas.export

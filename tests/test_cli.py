@@ -11,7 +11,7 @@ from worker.engine import Engine
 
 COMMANDS = [[], ["model"], ["model", "prepare"], ["embed"], ["generate"], ["demo"], ["worker"], ["submit"],
             ["submit-batch"], ["status"], ["results"], ["setup-pubsub"], ["dev"], ["dev", "up"], ["dev", "down"],
-            ["dev", "status"]]
+            ["dev", "status"], ["serve"], ["reembed"], ["reembed-task"], ["reembed-status"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "main")

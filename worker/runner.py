@@ -4,6 +4,7 @@ an HTTP status, and only after this returns, so "write, then acknowledge" lives 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -48,6 +49,13 @@ class Delivery:
 def result_name(batch_id: str | None, task_id: str) -> str:
     """Where a task's result lives under the results prefix: a pure function of the envelope."""
     return f"{batch_id or 'adhoc'}/{task_id}.json"
+
+
+def _safe_message_id(message_id: str | None) -> str | None:
+    """Pub/Sub message ids are digits; anything else is made safe for an object name."""
+    if not message_id:
+        return None
+    return re.sub(r"[^A-Za-z0-9_-]", "_", message_id)[:128]
 
 
 class Runner:
@@ -145,10 +153,11 @@ class Runner:
         if exc.task_id is None:
             # No task id means no result location; keep a record so nothing vanishes unseen.
             log.warning("rejected message %s: %s", delivery.message_id, exc.message)
-            if delivery.message_id:
+            record_id = _safe_message_id(delivery.message_id)
+            if record_id:
                 body = ErrorInfo(code=exc.code, message=exc.message).model_dump_json().encode()
                 try:
-                    self.store.put_if_absent(f"_rejected/{delivery.message_id}.json", body)
+                    self.store.put_if_absent(f"_rejected/{record_id}.json", body)
                 except TaskError:
                     return self._settled(Outcome.RETRY, None, None)
             return self._settled(Outcome.REJECTED, None, None)

@@ -16,8 +16,8 @@ from worker.store import GCSStore
 pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.reliability]
 
 # The emulator cannot deliver more than about 4 MB in one streamed response (real Pub/Sub takes
-# 10 MB messages), so this worker's
-# limit is set below that; the 10 MB case runs over the runner in test_poison.py.
+# 10 MB messages), so this worker's limit is set below that; the 10 MB case runs over the runner
+# in test_poison.py.
 MAX_MESSAGE_BYTES = 1_500_000
 
 
@@ -61,6 +61,9 @@ CATALOGUE = [
      "adhoc/bad-custom.json", ErrorCode.UNSAFE_IDENTIFIER),
     ("too many texts", _env("bad-many", payload={"texts": ["x"] * 300}), {}, "adhoc/bad-many.json",
      ErrorCode.TOO_MANY_INPUTS),
+    ("malformed response_schema", _env("bad-schema", kind="generate",
+                                       payload={"prompt": "Give JSON", "response_schema": {"type": "no-such-type"}}),
+     {}, "adhoc/bad-schema.json", ErrorCode.INVALID_RESPONSE_SCHEMA),
     ("dims above the model's width", _env("bad-dims", payload={"texts": ["x"], "dims": 4096}), {},
      "adhoc/bad-dims.json", ErrorCode.INVALID_PARAMETER),
     # Too large to be parsed at all: its task id travels in the attributes, as `submit` sends it.
