@@ -12,14 +12,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 NODE_ID_PATTERN = r"^[a-z0-9_]{1,40}$"
-# A task has at most MAX_CHUNKS chunks, so a merged result always fits the full models' bounds
-# (MAX_CHUNKS times a chunk's list lengths).
+# Per chunk: small enough that a 270M model's grammar-forced JSON closes in a few hundred tokens.
+CHUNK_NODES, CHUNK_EDGES = 4, 4
+CHUNK_ENTITIES, CHUNK_DEPENDENCIES, CHUNK_ISSUES = 4, 5, 2
+# A task has at most MAX_CHUNKS chunks, so a merged result always fits the full models' bounds.
 MAX_CHUNKS = 32
-MAX_GRAPH_NODES = 256
-MAX_GRAPH_EDGES = 256
-MAX_CODE_ENTITIES = 256
-MAX_CODE_DEPENDENCIES = 256
-MAX_CODE_ISSUES = 128
 
 NodeId = Annotated[str, StringConstraints(pattern=NODE_ID_PATTERN)]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=40)]
@@ -48,15 +45,15 @@ class Edge(_Shape):
 class GraphChunk(_Shape):
     """What the model fills for one chunk; edges may still name unknown nodes (merging drops those)."""
 
-    nodes: list[Node] = Field(min_length=1, max_length=5)
-    edges: list[Edge] = Field(max_length=5)
+    nodes: list[Node] = Field(min_length=1, max_length=CHUNK_NODES)
+    edges: list[Edge] = Field(max_length=CHUNK_EDGES)
 
 
 class KnowledgeGraph(_Shape):
     """A document's merged graph: unique node ids and labels, every edge between two of its nodes."""
 
-    nodes: list[Node] = Field(max_length=MAX_GRAPH_NODES)
-    edges: list[Edge] = Field(max_length=MAX_GRAPH_EDGES)
+    nodes: list[Node] = Field(max_length=MAX_CHUNKS * CHUNK_NODES)
+    edges: list[Edge] = Field(max_length=MAX_CHUNKS * CHUNK_EDGES)
 
     @model_validator(mode="after")
     def _edges_join_nodes(self) -> KnowledgeGraph:
@@ -87,9 +84,9 @@ class CodeAnalysisChunk(_Shape):
 
     language: Word
     summary: Annotated[str, StringConstraints(max_length=120)]
-    entities: list[CodeEntity] = Field(max_length=5)
-    dependencies: list[Name] = Field(max_length=6, description="Imported modules, packages or headers.")
-    issues: list[CodeIssue] = Field(max_length=2)
+    entities: list[CodeEntity] = Field(max_length=CHUNK_ENTITIES)
+    dependencies: list[Name] = Field(max_length=CHUNK_DEPENDENCIES, description="Imported modules, packages or headers.")
+    issues: list[CodeIssue] = Field(max_length=CHUNK_ISSUES)
 
 
 class CodeAnalysis(_Shape):
@@ -97,9 +94,9 @@ class CodeAnalysis(_Shape):
 
     language: Word
     summary: Annotated[str, StringConstraints(max_length=2000)]
-    entities: list[CodeEntity] = Field(max_length=MAX_CODE_ENTITIES)
-    dependencies: list[Name] = Field(max_length=MAX_CODE_DEPENDENCIES)
-    issues: list[CodeIssue] = Field(max_length=MAX_CODE_ISSUES)
+    entities: list[CodeEntity] = Field(max_length=MAX_CHUNKS * CHUNK_ENTITIES)
+    dependencies: list[Name] = Field(max_length=MAX_CHUNKS * CHUNK_DEPENDENCIES)
+    issues: list[CodeIssue] = Field(max_length=MAX_CHUNKS * CHUNK_ISSUES)
 
 
 def normalise_label(label: str) -> str:

@@ -8,6 +8,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +73,7 @@ class SchemaGrammars:
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                       stop_token_ids=self.stop_token_ids)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
-        self._cache: OrderedDict[str, CompiledSchema] = OrderedDict()
+        self._cache: OrderedDict[str, Future[CompiledSchema]] = OrderedDict()
         self._max_cached = max_cached
         self._lock = threading.Lock()
 
@@ -80,15 +81,24 @@ class SchemaGrammars:
         """The schema's grammar, compiled on first use; a bad schema raises INVALID_RESPONSE_SCHEMA."""
         key = canonical_schema(schema)
         with self._lock:
-            if key in self._cache:
+            pending = self._cache.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._cache[key] = Future()
+                while len(self._cache) > self._max_cached:
+                    self._cache.popitem(last=False)
+            else:
                 self._cache.move_to_end(key)
-                return self._cache[key]
-        compiled = self._compile(key)
-        with self._lock:
-            self._cache[key] = compiled
-            while len(self._cache) > self._max_cached:
-                self._cache.popitem(last=False)
-        return compiled
+        if owner:
+            # One compile per schema: tasks that arrive meanwhile wait for it rather than each
+            # compiling the same grammar on the cores the engine needs.
+            try:
+                pending.set_result(self._compile(key))
+            except Exception as exc:  # noqa: BLE001 - waiters get the same error, then it is forgotten
+                with self._lock:
+                    self._cache.pop(key, None)
+                pending.set_exception(exc)
+        return pending.result()
 
     def _compile(self, key: str) -> CompiledSchema:
         schema = json.loads(key)

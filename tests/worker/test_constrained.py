@@ -3,18 +3,20 @@ rows stop, a row out of tokens says so, grammars compile once, and bad schemas f
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
+import torch
 
 from schemas.errors import ErrorCode, TaskError
-from worker.constrained import canonical_schema
+from worker.constrained import GrammarRows, canonical_schema
 from worker.engine import Engine
 
 ANSWER = {
     "type": "object",
     "properties": {
-        "answer": {"type": "string", "maxLength": 16},
+        "answer": {"type": "string", "maxLength": 12},
         "confidence": {"type": "integer", "minimum": 0, "maximum": 9},
         "tags": {"type": "array", "items": {"enum": ["fact", "guess", "other"]}, "maxItems": 2},
     },
@@ -32,7 +34,7 @@ def test_every_row_of_a_batch_decodes_json_of_the_schema(engine: Engine) -> None
     # Given prompts of different lengths in one batch, greedy and sampled
     for temperature, prompts in ((0.0, PROMPTS), (0.8, PROMPTS[1:])):
         # When generated under the schema
-        out = engine.generate(prompts, max_new_tokens=40, temperature=temperature, seed=7, response_schema=ANSWER)
+        out = engine.generate(prompts, max_new_tokens=36, temperature=temperature, seed=7, response_schema=ANSWER)
         # Then each row stopped on its own and its text is JSON that validates
         for gen in out:
             assert gen.finish_reason == "stop", gen
@@ -46,6 +48,15 @@ def test_a_row_out_of_tokens_before_the_json_closes_reports_length(engine: Engin
     # Then the rows say "length" rather than pretending the prefix is a value
     assert [g.finish_reason for g in out] == ["length", "length"]
     assert all(len(g.token_ids) == 4 for g in out)
+
+
+def test_concurrent_first_requests_for_a_schema_compile_it_once(engine: Engine) -> None:
+    # Given a schema nobody compiled yet, asked for by 8 threads at once
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "title": "once"}
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(lambda _: engine.check_response_schema(schema), range(8)))
+    # Then all get the one compiled grammar
+    assert all(c is compiled[0] for c in compiled)
 
 
 def test_equal_schemas_share_one_compiled_grammar(engine: Engine) -> None:
@@ -83,3 +94,23 @@ def test_stop_strings_cannot_cut_constrained_output(engine: Engine) -> None:
         engine.generate(PROMPTS[:1], max_new_tokens=8, stop=["}"], response_schema=ANSWER)
     # Then it is refused before any decoding
     assert caught.value.code == ErrorCode.INVALID_PARAMETER
+
+
+def test_grammar_rows_allow_only_end_of_sequence_once_a_value_is_complete(engine: Engine) -> None:
+    # Given the processor over two rows of a tiny schema, and the tokens of "true" then <eos>
+    grammar = engine.check_response_schema({"type": "boolean"})
+    rows = GrammarRows([grammar, grammar], eos_token_ids=engine.eos_ids, vocab_size=engine.grammars.vocab_size)
+    value = engine.tokenizer("true", add_special_tokens=False)["input_ids"]
+    eos = min(engine.eos_ids)
+    ids = torch.zeros((2, 1), dtype=torch.long)
+    allowed = []
+    # When the rows are driven step by step as generate would, row 0 ending and then padding
+    for token in [*value, eos, engine.tokenizer.pad_token_id]:
+        scores = rows(ids, torch.zeros((2, rows.vocab_size)))
+        allowed.append(set(torch.nonzero(scores[0] > float("-inf")).flatten().tolist()))
+        ids = torch.cat([ids, torch.tensor([[token], [token]])], dim=1)
+    # Then at the start any boolean's first token is allowed but not <eos>; once "true" is
+    # complete only end ids are; after <eos> (and on the padding after it) exactly end ids remain
+    assert value[0] in allowed[0] and eos not in allowed[0]
+    assert allowed[len(value)] <= engine.eos_ids and eos in allowed[len(value)]
+    assert allowed[-1] == engine.eos_ids and not any(rows.failed)

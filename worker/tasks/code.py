@@ -79,7 +79,8 @@ def guess_language(*, filename: str | None, source: str) -> tuple[str | None, st
 
 def render_prompt(chunk: str, *, filename: str | None, language: str | None) -> str:
     name = PurePosixPath((filename or "source").replace("\\", "/")).name
-    return f"{PROMPT_HEAD}File: {name} ({language or 'unknown'})\n{chunk.strip(chr(10))}\nJSON: "
+    body = chunk.strip("\n")
+    return f"{PROMPT_HEAD}File: {name} ({language or 'unknown'})\n{body}\nJSON: "
 
 
 def start(task: CodeTask, ctx: TaskContext) -> Started:

@@ -20,7 +20,7 @@ PROMPT_HEAD = (
     "Text: The csv module reads and writes tabular data in CSV format. Its DictReader class maps each row "
     "to a dictionary.\n"
     'JSON: {"nodes": [{"id": "csv", "label": "csv", "type": "module"}, '
-    '{"id": "dictreader", "label": "DictReader", "type": "class", "description": "Maps each row to a dictionary."}, '
+    '{"id": "dictreader", "label": "DictReader", "type": "class"}, '
     '{"id": "csv_format", "label": "CSV format", "type": "format"}], '
     '"edges": [{"source": "csv", "target": "csv_format", "relation": "reads"}, '
     '{"source": "dictreader", "target": "csv", "relation": "part of"}]}\n\n'

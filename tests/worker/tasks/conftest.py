@@ -22,7 +22,8 @@ def ctx(settings: Settings, engine: Engine, batch_log: list[BatchStats]) -> Iter
     # whatever the batch, so 16 rows per step cost little more than 3 (the CPU default's share).
     wide = Engine(engine.model, max_input_tokens=engine.max_input_tokens, token_budget=16384,
                   max_batch_size=32, max_new_tokens=engine.max_new_tokens)
-    batcher = TokenBudgetBatcher(wide, max_wait_s=0.2, on_batch=batch_log.append).start()
+    # A second of waiting for company lets a test's tasks, submitted together, meet in one call.
+    batcher = TokenBudgetBatcher(wide, max_wait_s=1.0, on_batch=batch_log.append).start()
     try:
         yield TaskContext(settings=settings, engine=wide, batcher=batcher)
     finally:
