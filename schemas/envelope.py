@@ -67,7 +67,8 @@ class GraphPayload(_Payload):
 class CodePayload(_Payload):
     source: NonEmptyText = Field(description="Source code to analyse.")
     filename: str | None = Field(default=None, max_length=512)
-    language: str | None = Field(default=None, max_length=24, description="Guessed from filename or content when absent.")
+    language: str | None = Field(default=None, min_length=1, max_length=20,
+                                 description="Guessed from filename or content when absent.")
     max_tokens: int = Field(default=CODE_MAX_TOKENS, ge=1, description="Most new tokens per chunk's JSON.")
     chunk_tokens: ChunkTokens | None = None
 

@@ -57,13 +57,16 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
                                                  docstrings: list[str]) -> None:
     # Given 500 tasks (200 in the light run) and a worker SIGKILLed at three random moments mid-batch
     topic, subscription = new_topic(TEST_PROJECT)
-    publish_raw(topic, _tasks("crash", CRASH_TASKS, docstrings))
+    # Texts of a few hundred tokens keep each engine call to a few dozen tasks, so the kills land
+    # mid-run; the kill points are drawn from the first three quarters of the run.
+    long_texts = [d for d in docstrings if len(d) >= 800]
+    publish_raw(topic, _tasks("crash", CRASH_TASKS, long_texts, chars=800))
     rng, kills = random.Random(500), []
-    for k in range(3):
+    points = sorted(rng.sample(range(CRASH_TASKS // 10, CRASH_TASKS * 3 // 4), 3))
+    for k, point in enumerate(points):
         worker = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / f"w{k}.log")
         worker.wait_ready()
-        target = count_results(store) + rng.randint(CRASH_TASKS // 25, CRASH_TASKS // 6)
-        wait_for_count(store, target, timeout=120)
+        wait_for_count(store, point, timeout=120)
         worker.stop(signal.SIGKILL)
         kills.append(count_results(store))
     # When a fourth worker is started and left to finish

@@ -118,7 +118,7 @@ def merge_analyses(parts: list[CodeAnalysisChunk], *, language: str | None) -> C
     dependencies = dict.fromkeys(d.strip() for part in parts for d in part.dependencies if d.strip())
     summaries = dict.fromkeys(" ".join(part.summary.split()) for part in parts if part.summary.strip())
     return CodeAnalysis(
-        language=(language or parts[0].language.strip().lower() or "unknown")[:24],
+        language=(language or parts[0].language.strip().lower() or "unknown")[:20],
         summary=" ".join(summaries)[:2000],
         entities=list(entities.values()),
         dependencies=list(dependencies),

@@ -1,14 +1,16 @@
-"""Running tasks the way the worker does: envelopes through a Runner with a real batcher and a
-local store, all submitted before any is awaited so they share engine calls."""
+"""Running tasks the way the worker does (envelopes through a Runner with a real batcher and a
+local store, all submitted before any is awaited so they share engine calls), and reading Mermaid back."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
 from schemas.export import SCHEMA_DIR
+from schemas.graph import KnowledgeGraph, mermaid_unescape
 from schemas.result import Result
 from worker.runner import Delivery, Outcome, Runner, result_name
 from worker.store import LocalStore
@@ -38,3 +40,31 @@ def run_envelopes(ctx: TaskContext, root: Path, envelopes: list[dict[str, Any]],
 
 def published(name: str) -> dict[str, Any]:
     return json.loads((SCHEMA_DIR / name).read_text())
+
+
+NODE_LINE = re.compile(r'^    (\w+)\["(.*)"\]$')
+EDGE_LINE = re.compile(r'^    (\w+) -->\|"(.*)"\| (\w+)$')
+
+
+def parse_mermaid(text: str) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """Mermaid `graph TD` text back into {mermaid id: label} and [(source label, relation, target label)]."""
+    lines = text.splitlines()
+    assert lines[0] == "graph TD"
+    nodes: dict[str, str] = {}
+    edges: list[tuple[str, str, str]] = []
+    for line in lines[1:]:
+        if m := NODE_LINE.match(line):
+            assert m.group(1) not in nodes, f"node id {m.group(1)} declared twice"
+            nodes[m.group(1)] = mermaid_unescape(m.group(2))
+        elif m := EDGE_LINE.match(line):
+            edges.append((nodes[m.group(1)], mermaid_unescape(m.group(2)), nodes[m.group(3)]))
+        else:
+            raise AssertionError(f"unparseable Mermaid line: {line!r}")
+    return nodes, edges
+
+
+def assert_mermaid_matches(graph: KnowledgeGraph, text: str) -> None:
+    nodes, edges = parse_mermaid(text)
+    labels = {n.id: " ".join(n.label.split()) for n in graph.nodes}
+    assert sorted(nodes.values()) == sorted(labels.values())
+    assert sorted(edges) == sorted((labels[e.source], " ".join(e.relation.split()), labels[e.target]) for e in graph.edges)

@@ -2,8 +2,6 @@
 parses back to the graph, language guessing, and chunking that covers the whole document."""
 from __future__ import annotations
 
-import re
-
 import pytest
 from pydantic import ValidationError
 
@@ -15,7 +13,6 @@ from schemas.graph import (
     GraphChunk,
     KnowledgeGraph,
     Node,
-    mermaid_unescape,
     to_mermaid,
 )
 from worker.corpus import stdlib_files
@@ -23,34 +20,7 @@ from worker.engine import Engine
 from worker.tasks.chunking import split_into_chunks
 from worker.tasks.code import guess_language, merge_analyses
 from worker.tasks.graph import merge_graphs
-
-NODE_LINE = re.compile(r'^    (\w+)\["(.*)"\]$')
-EDGE_LINE = re.compile(r'^    (\w+) -->\|"(.*)"\| (\w+)$')
-
-
-def parse_mermaid(text: str) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
-    """Mermaid `graph TD` text back into {mermaid id: label} and [(source label, relation, target label)]."""
-    lines = text.splitlines()
-    assert lines[0] == "graph TD"
-    nodes: dict[str, str] = {}
-    edges: list[tuple[str, str, str]] = []
-    for line in lines[1:]:
-        if m := NODE_LINE.match(line):
-            assert m.group(1) not in nodes, f"node id {m.group(1)} declared twice"
-            nodes[m.group(1)] = mermaid_unescape(m.group(2))
-        elif m := EDGE_LINE.match(line):
-            edges.append((nodes[m.group(1)], mermaid_unescape(m.group(2)), nodes[m.group(3)]))
-        else:
-            raise AssertionError(f"unparseable Mermaid line: {line!r}")
-    return nodes, edges
-
-
-def assert_mermaid_matches(graph: KnowledgeGraph, text: str) -> None:
-    nodes, edges = parse_mermaid(text)
-    labels = {n.id: " ".join(n.label.split()) for n in graph.nodes}
-    assert sorted(nodes.values()) == sorted(labels.values())
-    assert sorted(edges) == sorted((labels[e.source], " ".join(e.relation.split()), labels[e.target]) for e in graph.edges)
-
+from tests.worker.tasks.support import assert_mermaid_matches
 
 def _node(node_id: str, label: str, **kw: str) -> Node:
     return Node(id=node_id, label=label, type=kw.pop("type", "concept"), **kw)

@@ -14,8 +14,7 @@ from schemas.result import CodeOutput, GenerateOutput, GraphOutput, ResultStatus
 from worker.batcher import BatchStats
 from worker.corpus import stdlib_docstrings, stdlib_files
 from worker.tasks import TaskContext
-from tests.worker.tasks.support import published, run_envelopes
-from tests.worker.tasks.test_shapes import assert_mermaid_matches
+from tests.worker.tasks.support import assert_mermaid_matches, published, run_envelopes
 
 GRAPH_DOCS = 18
 CODE_FILES = 12
@@ -82,15 +81,21 @@ def test_a_corpus_of_graph_and_code_tasks_all_parse_and_validate(
           "| calls", [(c.kind, c.requests, c.tokens, round(c.run_ms / 1000, 1)) for c in calls])
 
 
-def test_a_document_longer_than_the_input_limit_is_chunked_and_merged(ctx: TaskContext, tmp_path: Path) -> None:
-    # Given a real document over the model's input limit: the docstrings of one standard-library
-    # module file, joined
+def test_long_documents_are_chunked_and_merged(ctx: TaskContext, tmp_path: Path) -> None:
+    # Given a real document over the model's input limit (the docstrings of one standard-library
+    # module, joined), and a whole standard-library source file asked for in small chunks
     limit = ctx.engine.max_input_tokens
     text = _long_document(ctx, min_tokens=limit + 200)
-    # When it goes through a `graph` task with the default chunk size
-    [result] = run_envelopes(ctx, tmp_path, [{"task_id": "long-1", "kind": "graph", "payload": {
-        "text": text, "max_tokens": MAX_TOKENS}}])
-    # Then it was extracted in several chunks in one request and merged into one valid graph
+    name, source = _whole_file(min_chars=3000, max_chars=5000)
+    # When they go through `graph` (default chunk size) and `code` tasks at the default max_tokens
+    result, code = run_envelopes(ctx, tmp_path, [
+        {"task_id": "long-graph", "kind": "graph", "payload": {"text": text}},
+        {"task_id": "long-code", "kind": "code", "payload": {"source": source, "filename": name, "chunk_tokens": 400}}])
+    # Then the source's chunk analyses merged into one valid analysis
+    assert code.status is ResultStatus.OK, code.error
+    assert isinstance(code.output, CodeOutput) and code.output.chunks >= 3
+    jsonschema.validate(code.output.analysis.model_dump(mode="json"), published("code_analysis.schema.json"))
+    # And the document was extracted in several chunks in one request and merged into one valid graph
     assert result.status is ResultStatus.OK, result.error
     out = result.output
     assert isinstance(out, GraphOutput) and out.chunks >= 2
@@ -99,6 +104,11 @@ def test_a_document_longer_than_the_input_limit_is_chunked_and_merged(ctx: TaskC
     labels = [normalise_label(n.label) for n in out.graph.nodes]
     assert len(labels) == len(set(labels))
     assert_mermaid_matches(out.graph, out.mermaid)
+
+
+def _whole_file(*, min_chars: int, max_chars: int) -> tuple[str, str]:
+    path = next(p for p in stdlib_files() if min_chars <= p.stat().st_size <= max_chars)
+    return path.name, path.read_text(encoding="utf-8")
 
 
 def _long_document(ctx: TaskContext, *, min_tokens: int) -> str:
