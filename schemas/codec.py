@@ -95,8 +95,11 @@ def classify_validation_error(exc: ValidationError) -> tuple[ErrorCode, str]:
         return ErrorCode.UNSAFE_IDENTIFIER, "custom_id must not contain control characters"
     if kind in ("string_too_short", "too_short") and (leaf in _EMPTY_INPUT_FIELDS or (loc[-2:-1] and loc[-2] in _EMPTY_INPUT_FIELDS)):
         return ErrorCode.EMPTY_INPUT, f"{field} must not be empty"
+    if leaf == "response_schema" or "response_schema" in loc[:-1]:
+        return ErrorCode.INVALID_RESPONSE_SCHEMA, (
+            f"{field}: {err['msg']}; response_schema must be a JSON Schema object")
     if leaf == "max_tokens":
         return ErrorCode.MAX_TOKENS_OUT_OF_RANGE, f"max_tokens: {err['msg']}"
-    if leaf in ("temperature", "top_p", "dims", "seed", "stop"):
+    if leaf in ("temperature", "top_p", "dims", "seed", "stop", "chunk_tokens"):
         return ErrorCode.INVALID_PARAMETER, f"{field}: {err['msg']}"
     return ErrorCode.INVALID_FIELD, f"{field}: {err['msg']}"
