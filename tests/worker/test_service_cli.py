@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import run_cli
-from tests.fixtures.pipeline import new_topic
+from tests.fixtures.pipeline import json_log_records, new_topic
 from tests.fixtures.services import TEST_PROJECT
 from worker.client import publish_task
 
@@ -38,13 +38,7 @@ class ServeProcess:
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def records(self) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return json_log_records(self.log_path)
 
     def stop(self, timeout: float = 20) -> tuple[int, float]:
         started = time.monotonic()
