@@ -173,6 +173,11 @@ project_option = click.option("--project", envvar=["PUBSUB_PROJECT_ID", "GOOGLE_
                               help="Google Cloud project for short topic names.")
 
 
+no_cache_option = click.option(
+    "--no-cache", is_flag=True, envvar="GEMMA_BATCH_NO_RESULT_CACHE",
+    help="Run every task through the model: neither answer from nor add to the result cache (_cache/ in --results).")
+
+
 @main.command("worker")
 @click.option("--subscription", required=True, envvar="GEMMA_BATCH_SUBSCRIPTION",
               help="projects/P/subscriptions/S to pull tasks from.")
@@ -188,10 +193,11 @@ project_option = click.option("--project", envvar=["PUBSUB_PROJECT_ID", "GOOGLE_
               envvar="GEMMA_BATCH_MAX_ATTEMPTS", help="Deliveries before a transient failure becomes an error result.")
 @click.option("--max-message-bytes", type=click.IntRange(min=1), default=10_000_000, show_default=True,
               envvar="GEMMA_BATCH_MAX_MESSAGE_BYTES", help="Larger messages get a message_too_large error result.")
+@no_cache_option
 @model_options
 @guarded
 def worker(*, subscription: str, results: str, max_wait_ms: int, max_messages: int, max_bytes: int,
-           max_attempts: int, max_message_bytes: int, settings: Settings) -> None:
+           max_attempts: int, max_message_bytes: int, no_cache: bool, settings: Settings) -> None:
     """Pull tasks, run them in batches, write results, then ack. SIGTERM or Ctrl-C stops it in order."""
     import dataclasses
 
@@ -199,7 +205,7 @@ def worker(*, subscription: str, results: str, max_wait_ms: int, max_messages: i
 
     settings = dataclasses.replace(settings, max_wait_ms=max_wait_ms, flow_max_messages=max_messages,
                                    flow_max_bytes=max_bytes, max_attempts=max_attempts,
-                                   max_message_bytes=max_message_bytes)
+                                   max_message_bytes=max_message_bytes, result_cache=not no_cache)
     run_pull_worker(settings, subscription=subscription, results=results)
     exit_process(0)
 
@@ -216,13 +222,15 @@ def worker(*, subscription: str, results: str, max_wait_ms: int, max_messages: i
 @click.option("--task-id", default=None, help="Idempotency key; default: a new random id.")
 @click.option("--batch-id", default=None)
 @click.option("--custom-id", default=None)
+@click.option("--no-cache", is_flag=True, help="Always run the model for this task, and do not cache its result.")
 @click.option("--results", default=None, envvar="GEMMA_BATCH_RESULTS", help="With --wait: where to look for the result.")
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
 @click.option("--timeout", type=float, default=600, show_default=True, help="Seconds --wait waits.")
 @guarded
 def submit(*, topic: str, project: str | None, kind: str, texts: tuple[str, ...], prompt: str | None,
            max_tokens: int | None, temperature: float | None, dims: int | None, task_id: str | None,
-           batch_id: str | None, custom_id: str | None, results: str | None, wait: bool, timeout: float) -> None:
+           batch_id: str | None, custom_id: str | None, no_cache: bool, results: str | None, wait: bool,
+           timeout: float) -> None:
     """Publish one task and print its task id (with --wait, then its result)."""
     import uuid
 
@@ -236,7 +244,8 @@ def submit(*, topic: str, project: str | None, kind: str, texts: tuple[str, ...]
         payload = {"prompt": prompt, **{k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature))
                                         if v is not None}}
     raw = {"task_id": task_id or f"t-{uuid.uuid4().hex}", "kind": kind, "payload": payload,
-           **{k: v for k, v in (("batch_id", batch_id), ("custom_id", custom_id)) if v is not None}}
+           **{k: v for k, v in (("batch_id", batch_id), ("custom_id", custom_id)) if v is not None},
+           **({"cache": False} if no_cache else {})}
     envelope = validate_envelope(raw)
     if wait and not results:
         raise CliError("--wait needs --results (or GEMMA_BATCH_RESULTS) to know where the result will be")
@@ -267,11 +276,12 @@ def submit(*, topic: str, project: str | None, kind: str, texts: tuple[str, ...]
 @click.option("--batch-id", default=None, help="Default: a new id. Resubmitting a file under its batch id resumes it.")
 @click.option("--model", "model_name", default=None, envvar="GEMMA_BATCH_MODEL", help="Recorded in batch.json.")
 @click.option("--skip-invalid", is_flag=True, help="Publish the valid lines even if some are invalid.")
+@click.option("--no-cache", is_flag=True, help="Always run the model for these tasks, and do not cache their results.")
 @click.option("--wait", is_flag=True, help="Show progress until every result exists.")
 @click.option("--timeout", type=float, default=None, help="Seconds --wait waits (default: no limit).")
 @guarded
 def submit_batch(*, file: Path, topic: str, project: str | None, results: str, batch_id: str | None,
-                 model_name: str | None, skip_invalid: bool, wait: bool, timeout: float | None) -> None:
+                 model_name: str | None, skip_invalid: bool, no_cache: bool, wait: bool, timeout: float | None) -> None:
     """Validate every line of FILE (native envelopes or OpenAI batch lines), record the batch, publish it,
     and print the batch id."""
     from google.cloud import pubsub_v1
@@ -288,6 +298,8 @@ def submit_batch(*, file: Path, topic: str, project: str | None, results: str, b
                        "(fix them, or pass --skip-invalid to publish the rest)")
     if batch.invalid:
         batch = batches.BatchFile(lines=batch.lines, invalid=[])
+    if no_cache:
+        batch = batches.without_cache(batch)
     store = open_store(results)
     batches.record_batch(store, batch, batch_id=batch_id, model=model_name, source_name=file.name)
     publisher = pubsub_v1.PublisherClient()
@@ -318,7 +330,7 @@ def _wait_with_progress(store: Any, batch_id: str, *, timeout: float | None) -> 
 def _status_line(status: Any) -> str:
     rate = f"{status.rate_per_s:.2f}/s" if status.rate_per_s else "n/a"
     return (f"total {status.total}  ok {status.ok}  error {status.error}  pending {status.pending}  "
-            f"rate {rate}")
+            f"cached {status.cached}  rate {rate}")
 
 
 @main.command("status")
@@ -327,7 +339,8 @@ def _status_line(status: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @guarded
 def status(*, batch_id: str, results: str, as_json: bool) -> None:
-    """Print done (ok / error) and pending counts of a batch, and its rate."""
+    """Print done (ok / error) and pending counts of a batch, how many ok ones came from the result
+    cache, and its rate."""
     import dataclasses
 
     from worker import batches
@@ -449,12 +462,13 @@ def dev_status_cmd(*, state_dir: Path) -> None:
               envvar="GEMMA_BATCH_OIDC_CERTS_URL", help="Where the token signing certificates are fetched.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
               envvar="GEMMA_BATCH_MAX_ATTEMPTS", help="Deliveries before a transient failure becomes an error result.")
+@no_cache_option
 @model_options
 @guarded
 def serve(*, host: str, port: int, results: str | None, subscription: str | None, max_wait_ms: int,
           max_request_bytes: int, max_texts_per_request: int, max_queued_requests: int, retry_after_s: int,
           push_audience: str | None, push_service_account: str | None, oidc_certs_url: str, max_attempts: int,
-          settings: Settings) -> None:
+          no_cache: bool, settings: Settings) -> None:
     """Serve HTTP: /healthz, /readyz, /generate, /embed, /graph, /code, /v1/... (OpenAI), /pubsub/push, /metrics.
 
     The model loads in the background, so /healthz answers at once. SIGTERM stops the pull worker, then
@@ -471,7 +485,7 @@ def serve(*, host: str, port: int, results: str | None, subscription: str | None
     if push_service_account and not push_audience:
         raise CliError("--push-service-account needs --push-audience: the token is checked for both")
     settings = dataclasses.replace(settings, max_wait_ms=max_wait_ms, max_texts_per_task=max_texts_per_request,
-                                   max_attempts=max_attempts)
+                                   max_attempts=max_attempts, result_cache=not no_cache)
     limits = ServiceLimits(max_request_bytes=max_request_bytes, max_texts=max_texts_per_request,
                            max_queued_requests=max_queued_requests, retry_after_s=retry_after_s)
     push_auth = PushAuthConfig(audience=push_audience, service_account=push_service_account,

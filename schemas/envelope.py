@@ -83,6 +83,9 @@ class _EnvelopeBase(BaseModel):
         default=None, description="The caller's own key, echoed in the result (no control characters)."
     )
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    cache: bool = Field(default=True, description=(
+        "false: always run inference and do not store this result in the cache. With true, a greedy or "
+        "seeded task identical to one already answered gets that answer again (the result says cached)."))
 
 
 class EmbedTask(_EnvelopeBase):

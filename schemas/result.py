@@ -73,4 +73,6 @@ class Result(_Frozen):
     model: str | None = None
     timings: Timings = Field(default_factory=Timings)
     attempt: int = 1
+    cached: bool = Field(default=False, description=(
+        "true: the output was taken from an earlier identical task's result, without running the model."))
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

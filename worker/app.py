@@ -29,6 +29,8 @@ class StatsListener(Protocol):
 
     def on_outcome(self, outcome: Outcome, result: Result | None) -> None: ...
 
+    def on_cache(self, kind: str, hit: bool) -> None: ...
+
 
 @dataclass
 class Stats:
@@ -36,6 +38,7 @@ class Stats:
 
     outcomes: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
+    cache: Counter = field(default_factory=Counter)  # "hit" / "miss": result cache lookups
     batch_requests: list[int] = field(default_factory=list)
     listeners: list[StatsListener] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -55,6 +58,11 @@ class Stats:
             if result is not None and result.error is not None:
                 self.errors[result.error.code.value] += 1
         self._tell("on_outcome", outcome, result)
+
+    def on_cache(self, kind: str, hit: bool) -> None:
+        with self.lock:
+            self.cache["hit" if hit else "miss"] += 1
+        self._tell("on_cache", kind, hit)
 
     def _tell(self, method: str, *args: object) -> None:
         # Called on the engine thread: a failing listener must cost a log line, not the engine.
@@ -98,7 +106,7 @@ def build_runtime(settings: Settings, *, results: str | None, engine: Engine | N
     runner = None
     if store is not None:
         runner = Runner(ctx=TaskContext(settings=settings, engine=engine, batcher=batcher), store=store,
-                        on_outcome=stats.on_outcome)
+                        on_outcome=stats.on_outcome, on_cache=stats.on_cache)
     return Runtime(settings=settings, engine=engine, batcher=batcher, store=store, runner=runner, stats=stats,
                    load_s=time.monotonic() - started)
 
@@ -135,5 +143,6 @@ def run_pull_worker(settings: Settings, *, subscription: str, results: str) -> S
         PullWorker(runner=runtime.runner, subscription=subscription, settings=settings).run(stop)
     finally:
         runtime.close()
-        log.info("worker stopped", extra={"outcome": dict(runtime.stats.outcomes)})
+        log.info("worker stopped (result cache: %s)", dict(runtime.stats.cache),
+                 extra={"outcome": dict(runtime.stats.outcomes)})
     return runtime.stats

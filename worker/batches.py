@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -73,6 +73,7 @@ class BatchStatus:
     last_result_at: datetime | None
     rate_per_s: float | None
     created_at: datetime
+    cached: int = 0  # of the ok results, how many came from the result cache rather than the model
 
     @property
     def done(self) -> bool:
@@ -180,6 +181,13 @@ def _check_batch_id(batch_id: str) -> None:
             f"or digit"))
 
 
+def without_cache(batch: BatchFile) -> BatchFile:
+    """The same batch with every task opted out of the result cache (`submit-batch --no-cache`)."""
+    lines = [replace(line, envelope=line.envelope.model_copy(update={"cache": False}))
+             for line in batch.lines]
+    return BatchFile(lines=lines, invalid=batch.invalid)
+
+
 def record_batch(store: Store, batch: BatchFile, *, batch_id: str, model: str | None, source_name: str) -> dict:
     """Write the batch's manifest once; a resubmission of the same tasks reuses it, different tasks are refused."""
     _check_batch_id(batch_id)
@@ -278,26 +286,29 @@ class _Progress:
         self.manifest = read_manifest(store, batch_id)
         self.created_at = datetime.fromisoformat(self.manifest["created_at"])
         self._wanted = {_result_name(batch_id, t["task_id"]) for t in self.manifest["tasks"]}
-        self._seen: dict[str, tuple[bool, datetime | None]] = {}
+        self._seen: dict[str, tuple[bool, datetime | None, bool]] = {}
 
     def refresh(self, pool: ThreadPoolExecutor) -> BatchStatus:
         new = [n for n in self.store.list(f"{self.batch_id}/") if n in self._wanted and n not in self._seen]
         self._seen.update(zip(new, pool.map(self._read_summary, new)))
-        times = [at for _, at in self._seen.values() if at is not None]
-        ok = sum(1 for is_ok, _ in self._seen.values() if is_ok)
+        times = [at for _, at, _ in self._seen.values() if at is not None]
+        ok = sum(1 for is_ok, _, _ in self._seen.values() if is_ok)
+        cached = sum(1 for is_ok, _, from_cache in self._seen.values() if is_ok and from_cache)
         first, last = (min(times), max(times)) if times else (None, None)
         elapsed = (last - self.created_at).total_seconds() if last else 0.0
         return BatchStatus(total=len(self._wanted), ok=ok, error=len(self._seen) - ok,
                            pending=len(self._wanted) - len(self._seen), first_result_at=first, last_result_at=last,
-                           rate_per_s=len(self._seen) / elapsed if elapsed > 0 else None, created_at=self.created_at)
+                           rate_per_s=len(self._seen) / elapsed if elapsed > 0 else None, created_at=self.created_at,
+                           cached=cached)
 
-    def _read_summary(self, name: str) -> tuple[bool, datetime | None]:
-        """(ok?, written at) of one result; an unreadable object counts as an error."""
+    def _read_summary(self, name: str) -> tuple[bool, datetime | None, bool]:
+        """(ok?, written at, from the result cache?) of one result; an unreadable object counts as an error."""
         try:
             obj = json.loads(self.store.get(name) or b"null")
-            return obj.get("status") == ResultStatus.OK.value, datetime.fromisoformat(obj["created_at"])
+            return (obj.get("status") == ResultStatus.OK.value, datetime.fromisoformat(obj["created_at"]),
+                    obj.get("cached") is True)
         except (ValueError, TypeError, KeyError, AttributeError):
-            return False, None
+            return False, None, False
 
 
 def batch_status(store: Store, batch_id: str) -> BatchStatus:

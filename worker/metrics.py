@@ -1,17 +1,22 @@
 """Prometheus metrics for one service instance, in its own registry (never the global one), so two
 apps in one process (tests, embedding) count separately. Fed by the batcher's and runner's hooks
-(through `Stats` listeners) and by the HTTP layer."""
+(through `Stats` listeners) and by the HTTP layer; GPU figures are read from NVML at scrape time."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from schemas.result import GenerateOutput, Result
 from worker.batcher import BatchStats
 from worker.runner import Outcome
 
+log = logging.getLogger(__name__)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -46,9 +51,39 @@ class Metrics:
         self.in_flight = Gauge("gemma_http_in_flight_requests", "Inference and push requests admitted, not done.",
                                registry=r)
         self.queue_depth = Gauge("gemma_queue_depth", "Requests waiting in the batcher's queue.", registry=r)
+        self.cache_hits = Counter("gemma_cache_hits", "Tasks answered from the result cache, without the engine.",
+                                  ["kind"], registry=r)
+        self.cache_misses = Counter("gemma_cache_misses", "Cacheable tasks not in the result cache, so run.",
+                                    ["kind"], registry=r)
+        self._gpus: GpuCollector | None = None
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
+
+    def watch_gpus(self, nvml: Any | None = None) -> bool:
+        """Export GPU utilisation and memory from NVML (`pynvml`, or the module given); False, and no
+        series at all, where NVML cannot start (no driver, no library)."""
+        if self._gpus is not None:
+            return True
+        lib = open_nvml(nvml)
+        if lib is None:
+            return False
+        try:
+            collector = GpuCollector(lib)
+        except Exception as exc:  # noqa: BLE001 - metrics must never stop the service from starting
+            log.warning("GPU metrics off: NVML could not count the GPUs (%s)", exc)
+            _shutdown_nvml(lib)
+            return False
+        self.registry.register(collector)
+        self._gpus = collector
+        return True
+
+    def close(self) -> None:
+        """Release NVML, if this instance opened it."""
+        if self._gpus is not None:
+            self.registry.unregister(self._gpus)
+            _shutdown_nvml(self._gpus.nvml)
+            self._gpus = None
 
     # ---- Stats listener (engine and I/O threads) ------------------------------------------
     def on_batch(self, stats: BatchStats) -> None:
@@ -64,8 +99,11 @@ class Metrics:
             return
         if result.error is not None:
             self.errors.labels(result.error.code.value).inc()
-        if isinstance(result.output, GenerateOutput):
+        if isinstance(result.output, GenerateOutput) and not result.cached:
             self.tokens_out.inc(result.output.completion_tokens)
+
+    def on_cache(self, kind: str, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).labels(kind).inc()
 
     # ---- HTTP layer -----------------------------------------------------------------------
     def on_request(self, *, method: str, route: str, status: int, seconds: float) -> None:
@@ -74,3 +112,57 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def open_nvml(nvml: Any | None = None) -> Any | None:
+    """NVML initialised (the `pynvml` of nvidia-ml-py unless a module is given), or None where it cannot be."""
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded ...
+        log.warning("GPU metrics off: NVML did not start (%s)", exc)
+        return None
+    return nvml
+
+
+def _shutdown_nvml(nvml: Any) -> None:
+    try:
+        nvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - nothing left to release
+        pass
+
+
+class GpuCollector(Collector):
+    """Utilisation and memory of every GPU NVML sees, labelled by NVML index, read when scraped."""
+
+    def __init__(self, nvml: Any) -> None:
+        self.nvml = nvml
+        self.count = int(nvml.nvmlDeviceGetCount())
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        util, used, total = self._families()
+        for index in range(self.count):
+            try:
+                handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
+                rates = self.nvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+            except Exception as exc:  # noqa: BLE001 - a GPU unreadable now is left out; the scrape still answers
+                log.debug("GPU %d not read: %s", index, exc)
+                continue
+            label = [str(index)]
+            util.add_metric(label, rates.gpu / 100)
+            used.add_metric(label, memory.used)
+            total.add_metric(label, memory.total)
+        yield from (family for family in (util, used, total) if family.samples)
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("gemma_gpu_utilization_ratio", "Share of the last sample period the GPU was "
+                                  "busy (NVML), 0 to 1.", labels=["gpu"]),
+                GaugeMetricFamily("gemma_gpu_memory_used_bytes", "GPU memory in use, all processes (NVML).",
+                                  labels=["gpu"]),
+                GaugeMetricFamily("gemma_gpu_memory_total_bytes", "GPU memory installed (NVML).", labels=["gpu"])]

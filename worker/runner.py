@@ -1,6 +1,7 @@
-"""One task's whole life, the same for every door: decode → already done? → engine (via the
-batcher) → result → create-only write → outcome. The door turns the outcome into ack/nack or
-an HTTP status, and only after this returns, so "write, then acknowledge" lives here alone."""
+"""One task's whole life, the same for every door: decode → already done? → cached? → engine (via
+the batcher) → result → create-only write (then its cache entry) → outcome. The door turns the
+outcome into ack/nack or an HTTP status, and only after this returns, so "write, then acknowledge"
+lives here alone."""
 from __future__ import annotations
 
 import logging
@@ -18,6 +19,7 @@ from schemas.codec import DecodeError, decode_envelope
 from schemas.errors import ErrorCode, ErrorInfo, TaskError
 from schemas.result import Result, ResultStatus, Timings
 from worker.batcher import ShuttingDown, Timed
+from worker.cache import CacheEntry, ResultCache, engine_facts
 from worker.store import Store
 from worker.tasks import TaskContext, start_task
 
@@ -60,12 +62,16 @@ def _safe_message_id(message_id: str | None) -> str | None:
 
 class Runner:
     def __init__(self, *, ctx: TaskContext, store: Store,
-                 on_outcome: Callable[[Outcome, Result | None], None] | None = None) -> None:
+                 on_outcome: Callable[[Outcome, Result | None], None] | None = None,
+                 on_cache: Callable[[str, bool], None] | None = None) -> None:
         self.ctx = ctx
         self.store = store
         self.model_name = ctx.engine.name
+        self.cache = (ResultCache(store, model_name=self.model_name, facts=engine_facts(ctx.engine))
+                      if ctx.settings.result_cache else None)
         self._io = ThreadPoolExecutor(max_workers=ctx.settings.io_workers, thread_name_prefix="io")
         self._on_outcome = on_outcome or (lambda outcome, result: None)
+        self._on_cache = on_cache or (lambda kind, hit: None)  # (kind, hit?) for every lookup made
         self._attempts: OrderedDict[str, int] = OrderedDict()
         self._attempts_lock = threading.Lock()
 
@@ -101,6 +107,10 @@ class Runner:
                         extra={"task_id": task.task_id})
             done.set_result(self._settled(Outcome.RETRY, None, task.task_id))
             return
+        key = self.cache.key_for(task) if self.cache is not None else None
+        if key is not None and (entry := self._lookup(task, key)) is not None:
+            done.set_result(self._write(name, self._cached_result(task, entry, attempt, started)))
+            return
         try:
             running = start_task(task, self.ctx)
         except ShuttingDown:
@@ -109,10 +119,11 @@ class Runner:
         except TaskError as exc:
             done.set_result(self._write(name, self._error_result(task, exc, attempt, started)))
             return
-        running.future.add_done_callback(
-            lambda fut: self._io.submit(self._guard, done, self._finish, task, running, fut, attempt, started, done))
+        running.future.add_done_callback(lambda fut: self._io.submit(
+            self._guard, done, self._finish, task, running, fut, attempt, started, done, key))
 
-    def _finish(self, task: Any, running: Any, fut: Future, attempt: int, started: float, done: Future) -> None:
+    def _finish(self, task: Any, running: Any, fut: Future, attempt: int, started: float, done: Future,
+                key: str | None) -> None:
         name = result_name(task.batch_id, task.task_id)
         try:
             timed: Timed = fut.result()
@@ -136,7 +147,22 @@ class Runner:
                           total_ms=round((time.monotonic() - started) * 1000, 2))
         result = Result(task_id=task.task_id, custom_id=task.custom_id, batch_id=task.batch_id, kind=task.kind,
                         status=ResultStatus.OK, output=output, model=self.model_name, timings=timings, attempt=attempt)
-        done.set_result(self._write(name, result))
+        outcome = self._write(name, result)
+        if outcome is Outcome.DONE and key is not None:
+            # Before the outcome is handed back, so a task acknowledged is a task the next twin finds.
+            self.cache.put(key, result)
+        done.set_result(outcome)
+
+    def _lookup(self, task: Any, key: str) -> CacheEntry | None:
+        entry = self.cache.get(key, task_id=task.task_id)
+        self._on_cache(task.kind, entry is not None)
+        return entry
+
+    def _cached_result(self, task: Any, entry: CacheEntry, attempt: int, started: float) -> Result:
+        """The task's own result (its ids, its attempt) carrying an earlier identical task's output."""
+        return Result(task_id=task.task_id, custom_id=task.custom_id, batch_id=task.batch_id, kind=task.kind,
+                      status=ResultStatus.OK, output=entry.output, model=entry.model, attempt=attempt, cached=True,
+                      timings=Timings(total_ms=round((time.monotonic() - started) * 1000, 2)))
 
     def _write(self, name: str, result: Result) -> Outcome:
         """Create-only write; an object already there means another delivery finished first."""

@@ -108,6 +108,8 @@ class Service:
         runtime.stats.listeners.append(self.metrics)
         self.metrics.watch_queue(lambda: runtime.batcher.depth)
         self.metrics.model_load.set(runtime.load_s)
+        if runtime.engine.device.type == "cuda":
+            self.metrics.watch_gpus()
         if self.config.subscription and runtime.runner is not None and not self.stopping.is_set():
             self._start_pull(runtime)
         self.runtime = runtime
@@ -127,6 +129,7 @@ class Service:
             self.runtime.stats.listeners[:] = [x for x in self.runtime.stats.listeners if x is not self.metrics]
             if self._owns_runtime:
                 self.runtime.close()
+        self.metrics.close()
 
     def _start_pull(self, runtime: Runtime) -> None:
         from worker.source import PullWorker

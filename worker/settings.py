@@ -35,6 +35,7 @@ class Settings:
     max_lease_s: int = 900
     lease_extension_s: int = 10
     drain_s: float = 6.0
+    result_cache: bool = True  # answer identical greedy or seeded tasks from the results store's _cache/
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
