@@ -22,6 +22,14 @@ class RowSampler(LogitsProcessor):
             self.generators.append(gen)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = self.pick(scores, list(range(scores.shape[0])))
+        forced = torch.full_like(scores, float("-inf"))
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        forced[rows, torch.tensor(chosen, device=scores.device)] = 0.0
+        return forced
+
+    def pick(self, scores: torch.Tensor, rows: list[int]) -> list[int]:
+        """One sampled token per line of `scores`, line k drawn with row `rows[k]`'s generator."""
         probs = torch.softmax(scores.float() / self.temperature, dim=-1).cpu()
         if self.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
@@ -30,11 +38,7 @@ class RowSampler(LogitsProcessor):
             drop = (cumulative - sorted_probs) >= self.top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        chosen = [int(torch.multinomial(probs[i], 1, generator=g)) for i, g in enumerate(self.generators)]
-        forced = torch.full_like(scores, float("-inf"))
-        rows = torch.arange(scores.shape[0], device=scores.device)
-        forced[rows, torch.tensor(chosen, device=scores.device)] = 0.0
-        return forced
+        return [int(torch.multinomial(probs[k], 1, generator=self.generators[r])) for k, r in enumerate(rows)]
 
 
 class StopOnStrings(StoppingCriteria):

@@ -17,6 +17,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from schemas.errors import ErrorCode, TaskError
 from worker.constrained import CompiledSchema, GrammarRows, SchemaGrammars
+from worker.decode import Decoder, fits
 from worker.decoding import RowSampler, StopOnStrings, cut_at_stop
 from worker.model.loader import LoadedModel, load_from_settings
 from worker.settings import Settings
@@ -73,7 +74,7 @@ class Engine:
     """Gemma behind a narrow interface; one instance per process, used from one thread."""
 
     def __init__(self, model: LoadedModel, *, max_input_tokens: int, token_budget: int,
-                 max_batch_size: int, max_new_tokens: int) -> None:
+                 max_batch_size: int, max_new_tokens: int, decode_tokens: int | None = None) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.device = model.placement.device
@@ -81,6 +82,11 @@ class Engine:
         self.token_budget = token_budget
         self.max_batch_size = max_batch_size
         self.max_new_tokens = max_new_tokens
+        # Key/value slots (rows x positions) one merged decode batch may hold: 8 prefill budgets,
+        # 600 MB of cache for this model in fp32 at the CPU budget.
+        self.decode_tokens = decode_tokens or 8 * token_budget
+        self.decoder = Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device) if model.lm is not None else None
+        self.batched_decode = True  # False: every batch through `generate` (the unoptimised path, for comparison)
         eos = model.lm.generation_config.eos_token_id if model.lm is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         # Chat-formatted prompts end the model's turn with <end_of_turn>; stop there too.
@@ -234,20 +240,73 @@ class Engine:
                            response_schema: Mapping[str, Any] | str | None = None) -> list[Generation]:
         grammar = None if response_schema is None else self.check_response_schema(response_schema, stop=stop)
         results: list[Generation | None] = [None] * len(items)
-        costs = [len(it.ids) + max_new_tokens for it in items]
         # Each row samples with its own generator: a seed makes a prompt's text independent of
         # its batch mates, and unseeded rows must not share one either.
         seeds = [seed if seed is not None else random.randrange(2**63) for _ in items]
-        for batch in plan_batches(costs, token_budget=self.token_budget, max_batch_size=self.max_batch_size):
-            outs = self._generate_batch([items[i].ids for i in batch], max_new_tokens=max_new_tokens,
-                                        temperature=temperature, top_p=top_p, stop=list(stop),
-                                        seeds=[seeds[i] for i in batch], grammar=grammar)
+        stop = list(stop)
+        for batch, merged in self.plan_generate(items, max_new_tokens=max_new_tokens, constrained=grammar is not None):
+            args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                        seeds=[seeds[i] for i in batch])
+            rows = [items[i].ids for i in batch]
+            outs = self._decode_merged(rows, **args) if merged else self._generate_batch(rows, grammar=grammar, **args)
             for i, (ids, reason) in zip(batch, outs):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                text, stopped = cut_at_stop(text, list(stop)) if stop else (text, False)
+                text, stopped = cut_at_stop(text, stop) if stop else (text, False)
                 results[i] = Generation(text=text, token_ids=ids, prompt_tokens=len(items[i].ids),
                                         finish_reason="stop" if stopped else reason, truncated=items[i].truncated)
         return results  # type: ignore[return-value]
+
+    def plan_generate(self, items: Sequence[Tokenized], *, max_new_tokens: int,
+                      constrained: bool) -> list[tuple[list[int], bool]]:
+        """Batches of item indices, each marked True when it goes through the merged decoder.
+
+        Merged: longest prompts first, as many rows as the key/value budget holds (rows x (longest
+        + new tokens) <= decode_tokens, at most max_batch_size); the decoder prefills each in tight
+        sub-groups itself. The rest (constrained decoding, prompts past the sliding window) go
+        through `generate` in token-budget batches."""
+        config = self.decoder.config if self.decoder is not None else None
+        merged_ok = self.batched_decode and not constrained and self.decoder is not None
+        fitting = [i for i, it in enumerate(items)
+                   if merged_ok and fits(config, width=len(it.ids), max_new_tokens=max_new_tokens)]
+        taken = set(fitting)
+        rest = [i for i in range(len(items)) if i not in taken]
+        plan: list[tuple[list[int], bool]] = []
+        current: list[int] = []
+        for i in sorted(fitting, key=lambda i: len(items[i].ids), reverse=True):
+            longest = len(items[current[0]].ids) if current else len(items[i].ids)
+            if current and (len(current) >= self.max_batch_size
+                            or (len(current) + 1) * (longest + max_new_tokens) > self.decode_tokens):
+                plan.append((current, True))
+                current = []
+            current.append(i)
+        if current:
+            plan.append((current, True))
+        costs = [len(items[i].ids) + max_new_tokens for i in rest]
+        for batch in plan_batches(costs, token_budget=self.token_budget, max_batch_size=self.max_batch_size):
+            plan.append(([rest[k] for k in batch], False))
+        return plan
+
+    def _decode_merged(self, rows: list[tuple[int, ...]], *, max_new_tokens: int, temperature: float, top_p: float,
+                       stop: list[str], seeds: list[int]) -> list[tuple[list[int], str]]:
+        sampler = RowSampler(temperature=temperature, top_p=top_p, seeds=seeds) if temperature > 0 else None
+        window = max((len(s) for s in stop), default=0) + 1  # as StopOnStrings: a stop lies in the last n + 1 tokens
+
+        def choose(logits: torch.Tensor, live: list[int]) -> list[int]:
+            return sampler.pick(logits, live) if sampler is not None else logits.argmax(dim=-1).tolist()
+
+        def finished(row: int, ids: list[int]) -> bool:
+            if ids[-1] in self.eos_ids:
+                return True
+            return bool(stop) and any(s in self.tokenizer.decode(ids[-window:], skip_special_tokens=True) for s in stop)
+
+        groups = plan_batches([len(r) for r in rows], token_budget=self.token_budget, max_batch_size=self.max_batch_size)
+        with torch.inference_mode():
+            outs = self.decoder.run(rows, groups, max_new_tokens=max_new_tokens, choose=choose, finished=finished)
+        results = []
+        for k in range(len(rows)):
+            ids = outs[k]
+            results.append((ids[:-1], "stop") if ids and ids[-1] in self.eos_ids else (ids, "length"))
+        return results
 
     def _generate_batch(self, rows: list[tuple[int, ...]], *, max_new_tokens: int, temperature: float,
                         top_p: float, stop: list[str], seeds: list[int],

@@ -1,0 +1,122 @@
+"""The merged decoder (worker/decode.py) on the real model: it must give the tokens `generate` gives,
+drop finished rows without disturbing the others, and leave work it cannot hold to `generate`."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from worker.decode import Decoder, fits
+from worker.engine import Engine, plan_batches
+
+INSTRUCTION = "<start_of_turn>user\nExplain what this documentation describes:\n\n{}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def _prompts(engine: Engine, docstrings: list[str], n: int, *, longest: int = 300) -> list[tuple[int, ...]]:
+    """n real chat prompts of mixed length (a few dozen to `longest` tokens), shuffled."""
+    items = engine.tokenize([INSTRUCTION.format(" ".join(d.split())) for d in docstrings[:400]],
+                            truncate=True, what="prompt")
+    usable = sorted((it.ids for it in items if len(it.ids) <= longest), key=len)
+    picks = [usable[int(i * (len(usable) - 1) / (n - 1))] for i in range(n)]
+    random.Random(3).shuffle(picks)
+    return picks
+
+
+@pytest.fixture
+def unoptimised(engine: Engine):
+    """Yields a function that runs the engine's `generate` path (one left-padded batch per plan)."""
+    def run(fn):
+        engine.batched_decode = False
+        try:
+            return fn()
+        finally:
+            engine.batched_decode = True
+    return run
+
+
+def test_merged_greedy_decoding_gives_the_tokens_generate_gives(engine: Engine, docstrings: list[str], unoptimised) -> None:
+    # Given 12 real prompts from ~30 to ~300 tokens, in shuffled length order
+    from worker.engine import Tokenized
+    items = [Tokenized(ids=p, truncated=False) for p in _prompts(engine, docstrings, 12)]
+    # When generated greedily through the merged decoder and through `generate`
+    plan = engine.plan_generate(items, max_new_tokens=24, constrained=False)
+    merged = engine.generate_tokenized(items, max_new_tokens=24)
+    reference = unoptimised(lambda: engine.generate_tokenized(items, max_new_tokens=24))
+    # Then every row went through the merged decoder, prefilled in more than one group,
+    assert all(is_merged for _, is_merged in plan) and len(plan) == 1
+    assert len(plan_batches([len(it.ids) for it in items], token_budget=engine.token_budget,
+                            max_batch_size=engine.max_batch_size)) > 1
+    # and every output is the same, token for token, with the same finish reason
+    for m, r in zip(merged, reference):
+        assert m.token_ids == r.token_ids
+        assert m.finish_reason == r.finish_reason and m.text == r.text
+
+
+def test_rows_that_finish_leave_the_batch_without_changing_the_others(engine: Engine, docstrings: list[str]) -> None:
+    # Given 8 prompts decoded once to the end, and once with half of them declared finished after
+    # 3 tokens (so the batch shrinks below the compaction threshold and the cache is re-indexed)
+    rows = _prompts(engine, docstrings, 8, longest=200)
+    decoder: Decoder = engine.decoder
+    groups = plan_batches([len(r) for r in rows], token_budget=engine.token_budget, max_batch_size=64)
+
+    def greedy(logits: torch.Tensor, live: list[int]) -> list[int]:
+        assert logits.shape[0] == len(live)
+        return logits.argmax(dim=-1).tolist()
+
+    seen_batch: list[int] = []
+
+    def tracking(logits: torch.Tensor, live: list[int]) -> list[int]:
+        seen_batch.append(len(live))
+        return greedy(logits, live)
+
+    with torch.inference_mode():
+        full = decoder.run(rows, groups, max_new_tokens=16, choose=greedy, finished=lambda r, ids: False)
+        cut = decoder.run(rows, groups, max_new_tokens=16, choose=tracking,
+                          finished=lambda r, ids: r % 2 == 0 and len(ids) == 3)
+    # Then the finished rows stopped at 3 tokens, which are the first 3 of their full run,
+    assert all(cut[r] == full[r][:3] for r in range(0, 8, 2))
+    # the others are unchanged by their neighbours leaving,
+    assert all(cut[r] == full[r] for r in range(1, 8, 2))
+    # and only the 4 live rows were decoded after the cut
+    assert seen_batch[:3] == [8, 8, 8] and set(seen_batch[3:]) == {4}
+
+
+def test_stop_strings_and_seeded_sampling_hold_in_the_merged_decoder(engine: Engine, unoptimised) -> None:
+    prompts = ["Count: 1, 2, 3, 4,", "The alphabet: a, b, c, d,", "Water boils at"]
+    # Stop strings cut the text where `generate` cuts it
+    merged = engine.generate(prompts, max_new_tokens=20, stop=[","])
+    reference = unoptimised(lambda: engine.generate(prompts, max_new_tokens=20, stop=[","]))
+    assert [g.text for g in merged] == [g.text for g in reference]
+    assert [g.finish_reason for g in merged] == [g.finish_reason for g in reference]
+    assert all("," not in g.text for g in merged)
+    # A seeded prompt samples the same text alone and among other prompts
+    alone = engine.generate(prompts[:1], max_new_tokens=16, temperature=0.9, seed=11)[0]
+    among = engine.generate(prompts, max_new_tokens=16, temperature=0.9, seed=11)[0]
+    assert alone.token_ids == among.token_ids
+
+
+def test_work_the_merged_decoder_cannot_hold_goes_through_generate(engine: Engine, docstrings: list[str]) -> None:
+    from worker.engine import Tokenized
+    window = engine.decoder.config.sliding_window
+    long_text = " ".join(docstrings[:60])
+    long_ids = engine.tokenize([long_text], truncate=True, limit=window + 50, what="prompt")[0]
+    short = engine.tokenize(["Water boils at"], truncate=False, what="prompt")[0]
+    # A prompt whose decode would cross the sliding window is planned for `generate`
+    assert not fits(engine.decoder.config, width=len(long_ids.ids), max_new_tokens=8)
+    plan = engine.plan_generate([long_ids, short], max_new_tokens=8, constrained=False)
+    assert sorted((b, m) for b, m in plan) == [([0], False), ([1], True)]
+    # Constrained decoding always goes through `generate`
+    assert all(not m for _, m in engine.plan_generate([short], max_new_tokens=8, constrained=True))
+    # The key/value budget splits merged batches: rows x (longest + new tokens) <= decode_tokens
+    many = [short] * 10
+    old = engine.decode_tokens
+    try:
+        engine.decode_tokens = 4 * (len(short.ids) + 8)
+        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=False)] == [4, 4, 2]
+    finally:
+        engine.decode_tokens = old
+    # and both kinds of batch in one call still answer in input order
+    out = engine.generate_tokenized([long_ids, short], max_new_tokens=8)
+    assert out[1].token_ids == engine.generate_tokenized([short], max_new_tokens=8)[0].token_ids
+    assert out[0].prompt_tokens == len(long_ids.ids)

@@ -1,0 +1,202 @@
+"""Batched decoding that keeps the expensive step full: prompts are prefilled in tight, length-sorted
+groups (little padding), their key/value caches are merged into one preallocated cache, and a single
+decode loop then advances every row at once, dropping finished rows as it goes.
+
+Why: on this model one decode step costs nearly the same for 8 rows as for 64 (the 262k-word output
+layer and the weights are read once per step either way), while a prefill costs per padded token.
+`model.generate` on one left-padded batch pays for both the padding of the longest prompt and for
+rows that already ended. Here prefill pays only for tight groups, and decode only for live rows.
+
+The merged cache holds each row right-aligned (left padding, masked), exactly as `generate` holds a
+left-padded batch, so a row's tokens do not depend on its batch mates beyond float rounding. It is
+used only while every row fits the model's sliding window (then sliding and full attention see the
+same keys); longer work goes through `generate`. See bench/generation.py for the measurements."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+# Shrink the decode batch (copying the cache) only once this share of its rows has finished:
+# copying on every finished row would cost more than the steps it saves.
+COMPACT_BELOW = 0.75
+
+
+class _SlotLayer(DynamicLayer):
+    """One layer's keys and values in a buffer sized for the whole decode, written in place (no
+    concatenation per step, which would copy the whole cache every token)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.keys_buf, self.values_buf, self.length = keys, values, length
+        self.device = keys.device
+        self.is_initialized = True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self.keys_buf[:, :, : self.length]
+        self.values = self.values_buf[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, q = self.length, key_states.shape[-2]
+        self.keys_buf[:, :, n: n + q] = key_states
+        self.values_buf[:, :, n: n + q] = value_states
+        self.length = n + q
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.keys_buf = self.keys_buf.index_select(0, rows)
+        self.values_buf = self.values_buf.index_select(0, rows)
+        self._expose()
+
+
+class _SlidingSlotLayer(_SlotLayer):
+    """A sliding-window layer that never reaches its window (the caller checks), so it attends to
+    exactly what a full layer would; it says it is sliding so masks are built the same way."""
+
+    is_sliding = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, *, sliding_window: int) -> None:
+        super().__init__(keys, values, length)
+        self.sliding_window = sliding_window
+
+    @property
+    def cumulative_length(self) -> int:
+        return self.length
+
+
+@dataclass
+class Prefilled:
+    """One prefill group: its rows' caches, last-position logits and padded width."""
+
+    rows: list[int]
+    cache: DynamicCache
+    logits: torch.Tensor  # (rows, vocab), the logits after each prompt's last token
+    width: int
+
+
+def sliding_window(config: object) -> int | None:
+    """The window of the model's sliding layers, or None when it has none."""
+    types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window and "sliding_attention" in types else None
+
+
+def fits(config: object, *, width: int, max_new_tokens: int) -> bool:
+    """Whether a batch this wide can be decoded here: every row must stay inside the sliding window."""
+    window = sliding_window(config)
+    return window is None or width + max_new_tokens < window
+
+
+class Decoder:
+    """The prefill → merge → decode loop over one model. Stateless between calls."""
+
+    def __init__(self, lm: torch.nn.Module, *, pad_id: int, device: torch.device) -> None:
+        self.lm = lm
+        self.config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        self.pad_id = pad_id
+        self.device = device
+        params = inspect.signature(lm.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self._pass_cache_position = "cache_position" in params
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
+                 past: int) -> torch.Tensor:
+        kwargs = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
+        if self._pass_cache_position:
+            kwargs["cache_position"] = torch.arange(past, past + ids.shape[1], device=self.device)
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        return out.logits[:, -1, :]
+
+    def prefill(self, rows: Sequence[Sequence[int]], group: list[int]) -> Prefilled:
+        width = max(len(rows[i]) for i in group)
+        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for j, i in enumerate(group):
+            ids[j, width - len(rows[i]):] = torch.tensor(rows[i])
+            mask[j, width - len(rows[i]):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers a left-padded row
+        cache = DynamicCache(config=self.config)
+        logits = self._forward(ids, mask, positions, cache, 0)
+        return Prefilled(rows=group, cache=cache, logits=logits, width=width)
+
+    def merge(self, groups: list[Prefilled], *, width: int, total: int) -> Cache:
+        """One cache for all groups' rows (in the order of `groups`), right-aligned at `width` (the
+        widest group's), with room for `total` positions."""
+        batch = sum(len(g.rows) for g in groups)
+        window = sliding_window(self.config)
+        layers: list[_SlotLayer] = []
+        for index, first in enumerate(groups[0].cache.layers):
+            heads, dim = first.keys.shape[1], first.keys.shape[3]
+            keys = torch.zeros((batch, heads, total, dim), dtype=first.keys.dtype, device=self.device)
+            values = torch.zeros_like(keys)
+            start = 0
+            for g in groups:
+                layer = g.cache.layers[index]
+                n = len(g.rows)
+                keys[start: start + n, :, width - g.width: width] = layer.keys
+                values[start: start + n, :, width - g.width: width] = layer.values
+                start += n
+            if getattr(first, "is_sliding", False):
+                layers.append(_SlidingSlotLayer(keys, values, width, sliding_window=window or total + 1))
+            else:
+                layers.append(_SlotLayer(keys, values, width))
+        return Cache(layers=layers)
+
+    def run(self, rows: Sequence[Sequence[int]], groups: list[list[int]], *, max_new_tokens: int,
+            choose: Callable[[torch.Tensor, list[int]], list[int]],
+            finished: Callable[[int, list[int]], bool]) -> dict[int, list[int]]:
+        """Generated ids of each row the `groups` name (indices into `rows`), up to `max_new_tokens` each.
+
+        `choose(logits, live_rows)` picks the next token of each live row (greedy or sampled);
+        `finished(row, ids)` says whether a row has ended (its last id was end-of-sequence, a stop
+        string appeared). Finished rows keep their ids and leave the batch."""
+        prefilled = [self.prefill(rows, g) for g in groups]
+        order = [i for g in prefilled for i in g.rows]  # batch row -> index into `rows`
+        width = max(g.width for g in prefilled)
+        cache = self.merge(prefilled, width=width, total=width + max_new_tokens)
+        logits = torch.cat([g.logits for g in prefilled])
+        del prefilled
+        mask = torch.zeros((len(order), width + max_new_tokens), dtype=torch.long, device=self.device)
+        for b, i in enumerate(order):
+            mask[b, width - len(rows[i]): width] = 1
+        positions = torch.tensor([len(rows[i]) for i in order], dtype=torch.long, device=self.device)
+        out: list[list[int]] = [[] for _ in rows]
+        alive = list(range(len(order)))  # batch rows still generating
+        for step in range(max_new_tokens):
+            tokens = choose(logits[alive] if len(alive) < len(order) else logits, [order[b] for b in alive])
+            feed = [self.pad_id] * len(order)
+            still = []
+            for b, t in zip(alive, tokens):
+                out[order[b]].append(t)
+                feed[b] = t
+                if not finished(order[b], out[order[b]]):
+                    still.append(b)
+            if not still or step + 1 == max_new_tokens:
+                break
+            mask[:, width + step] = 1
+            current = torch.tensor(feed, dtype=torch.long, device=self.device)
+            if len(still) < COMPACT_BELOW * len(order):
+                index = torch.tensor(still, device=self.device)
+                for layer in cache.layers:
+                    layer.select(index)
+                mask, positions, current = mask[index], positions[index], current[index]
+                order = [order[b] for b in still]
+                still = list(range(len(order)))
+            alive = still
+            logits = self._forward(current[:, None], mask[:, : width + step + 1], positions[:, None], cache,
+                                   width + step)
+            positions = positions + 1
+        return {i: out[i] for g in groups for i in g}
