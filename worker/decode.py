@@ -20,6 +20,10 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+# Vocabulary rows per output-layer block when only the best token is needed: a block's logits stay
+# in cache and the (rows x 262k) logits matrix is never written out (bench/generation.py measures it).
+VOCAB_BLOCK = 4096
+
 # Shrink the decode batch (copying the cache) only once this share of its rows has finished:
 # copying on every finished row would cost more than the steps it saves.
 COMPACT_BELOW = 0.75
@@ -82,7 +86,7 @@ class Prefilled:
 
     rows: list[int]
     cache: DynamicCache
-    logits: torch.Tensor  # (rows, vocab), the logits after each prompt's last token
+    hidden: torch.Tensor  # (rows, hidden size), the final hidden state at each prompt's last token
     width: int
 
 
@@ -107,17 +111,46 @@ class Decoder:
         self.config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self.pad_id = pad_id
         self.device = device
-        params = inspect.signature(lm.forward).parameters
+        self.body = lm.get_decoder()
+        self.head = lm.get_output_embeddings()
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        params = inspect.signature(self.body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self._pass_cache_position = "cache_position" in params
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
                  past: int) -> torch.Tensor:
-        kwargs = {self._cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
+        """The final hidden state at each row's last position (the output layer is applied apart)."""
+        kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._pass_cache_position:
             kwargs["cache_position"] = torch.arange(past, past + ids.shape[1], device=self.device)
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
-        return out.logits[:, -1, :]
+        out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        return out.last_hidden_state[:, -1, :]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits, as the model's own head computes them (for sampling and grammars)."""
+        logits = self.head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def best(self, hidden: torch.Tensor) -> list[int]:
+        """The greedy token per row: the output layer in vocabulary blocks with a running maximum.
+        Same scores as `logits` (each is one dot product over the hidden size), a fraction of the
+        memory traffic; ties go to the lowest token id, as `argmax` breaks them."""
+        weight, bias = self.head.weight, self.head.bias
+        best_score = torch.full((hidden.shape[0],), float("-inf"), dtype=hidden.dtype, device=hidden.device)
+        best_id = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        for start in range(0, weight.shape[0], VOCAB_BLOCK):
+            block = torch.nn.functional.linear(hidden, weight[start: start + VOCAB_BLOCK],
+                                               None if bias is None else bias[start: start + VOCAB_BLOCK])
+            if self.softcap is not None:
+                block = torch.tanh(block / self.softcap) * self.softcap
+            score, index = block.max(dim=-1)
+            better = score > best_score
+            best_score = torch.where(better, score, best_score)
+            best_id = torch.where(better, index + start, best_id)
+        return best_id.tolist()
 
     def prefill(self, rows: Sequence[Sequence[int]], group: list[int]) -> Prefilled:
         width = max(len(rows[i]) for i in group)
@@ -129,8 +162,8 @@ class Decoder:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers a left-padded row
         cache = DynamicCache(config=self.config)
-        logits = self._forward(ids, mask, positions, cache, 0)
-        return Prefilled(rows=group, cache=cache, logits=logits, width=width)
+        hidden = self._forward(ids, mask, positions, cache, 0)
+        return Prefilled(rows=group, cache=cache, hidden=hidden, width=width)
 
     def merge(self, groups: list[Prefilled], *, width: int, total: int) -> Cache:
         """One cache for all groups' rows (in the order of `groups`), right-aligned at `width` (the
@@ -156,18 +189,19 @@ class Decoder:
         return Cache(layers=layers)
 
     def run(self, rows: Sequence[Sequence[int]], groups: list[list[int]], *, max_new_tokens: int,
-            choose: Callable[[torch.Tensor, list[int]], list[int]],
+            choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
             finished: Callable[[int, list[int]], bool]) -> dict[int, list[int]]:
         """Generated ids of each row the `groups` name (indices into `rows`), up to `max_new_tokens` each.
 
-        `choose(logits, live_rows)` picks the next token of each live row (greedy or sampled);
+        `choose(logits, live_rows)` picks the next token of each live row from its logits (None:
+        greedy, through `best`, without materialising the logits);
         `finished(row, ids)` says whether a row has ended (its last id was end-of-sequence, a stop
         string appeared). Finished rows keep their ids and leave the batch."""
         prefilled = [self.prefill(rows, g) for g in groups]
         order = [i for g in prefilled for i in g.rows]  # batch row -> index into `rows`
         width = max(g.width for g in prefilled)
         cache = self.merge(prefilled, width=width, total=width + max_new_tokens)
-        logits = torch.cat([g.logits for g in prefilled])
+        hidden = torch.cat([g.hidden for g in prefilled])
         del prefilled
         mask = torch.zeros((len(order), width + max_new_tokens), dtype=torch.long, device=self.device)
         for b, i in enumerate(order):
@@ -176,7 +210,8 @@ class Decoder:
         out: list[list[int]] = [[] for _ in rows]
         alive = list(range(len(order)))  # batch rows still generating
         for step in range(max_new_tokens):
-            tokens = choose(logits[alive] if len(alive) < len(order) else logits, [order[b] for b in alive])
+            live_hidden = hidden[alive] if len(alive) < len(order) else hidden
+            tokens = self.best(live_hidden) if choose is None else choose(self.logits(live_hidden), [order[b] for b in alive])
             feed = [self.pad_id] * len(order)
             still = []
             for b, t in zip(alive, tokens):
@@ -196,7 +231,7 @@ class Decoder:
                 order = [order[b] for b in still]
                 still = list(range(len(order)))
             alive = still
-            logits = self._forward(current[:, None], mask[:, : width + step + 1], positions[:, None], cache,
+            hidden = self._forward(current[:, None], mask[:, : width + step + 1], positions[:, None], cache,
                                    width + step)
             positions = positions + 1
         return {i: out[i] for g in groups for i in g}

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +102,9 @@ def run_pipeline_demo(settings: Settings, *, n_embed: int, n_generate: int, out_
         batch_file = out_dir / "demo-batch.jsonl"
         count = write_demo_batch(batch_file, n_embed=n_embed, n_generate=n_generate)
         echo(f"wrote {count} tasks to {batch_file}")
-        worker = _start_worker(settings, subscription=subscription, results=results, log=out_dir / "worker.log")
+        worker = start_worker(settings, subscription=subscription, results=results, log=out_dir / "worker.log")
         try:
-            _wait_worker_ready(worker, out_dir / "worker.log", echo=echo)
+            wait_worker_ready(worker, out_dir / "worker.log", echo=echo)
             batch_id = batches.new_batch_id()
             batch = batches.read_batch_file(batch_file, batch_id=batch_id)
             batches.record_batch(store, batch, batch_id=batch_id, model=settings.model, source_name=batch_file.name)
@@ -125,15 +125,18 @@ def run_pipeline_demo(settings: Settings, *, n_embed: int, n_generate: int, out_
     echo("stopped the worker, the emulator and the storage server")
 
 
-def _start_worker(settings: Settings, *, subscription: str, results: str, log: Path) -> subprocess.Popen:
+def start_worker(settings: Settings, *, subscription: str, results: str, log: Path,
+                 extra: Sequence[str] = ()) -> subprocess.Popen:
+    """`cli.py worker` as a child process, its output in `log`; `extra` adds flags."""
     cli = Path(__file__).resolve().parents[1] / "cli.py"
     args = [sys.executable, str(cli), "worker", "--subscription", subscription, "--results", results,
             "--model", settings.model, "--cache-dir", str(settings.cache_dir), "--device", settings.device,
-            "--log-level", "INFO"]
+            "--log-level", "INFO", *extra]
     return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ))
 
 
-def _wait_worker_ready(worker: subprocess.Popen, log: Path, *, echo: Callable[[str], None]) -> None:
+def wait_worker_ready(worker: subprocess.Popen, log: Path, *, echo: Callable[[str], None]) -> None:
+    """Returns once the worker logs that it pulls (model loaded and warmed up)."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if worker.poll() is not None:

@@ -291,9 +291,6 @@ class Engine:
         sampler = RowSampler(temperature=temperature, top_p=top_p, seeds=seeds) if temperature > 0 else None
         window = max((len(s) for s in stop), default=0) + 1  # as StopOnStrings: a stop lies in the last n + 1 tokens
 
-        def choose(logits: torch.Tensor, live: list[int]) -> list[int]:
-            return sampler.pick(logits, live) if sampler is not None else logits.argmax(dim=-1).tolist()
-
         def finished(row: int, ids: list[int]) -> bool:
             if ids[-1] in self.eos_ids:
                 return True
@@ -301,7 +298,8 @@ class Engine:
 
         groups = plan_batches([len(r) for r in rows], token_budget=self.token_budget, max_batch_size=self.max_batch_size)
         with torch.inference_mode():
-            outs = self.decoder.run(rows, groups, max_new_tokens=max_new_tokens, choose=choose, finished=finished)
+            outs = self.decoder.run(rows, groups, max_new_tokens=max_new_tokens,
+                                    choose=sampler.pick if sampler is not None else None, finished=finished)
         results = []
         for k in range(len(rows)):
             ids = outs[k]

@@ -120,3 +120,25 @@ def test_work_the_merged_decoder_cannot_hold_goes_through_generate(engine: Engin
     out = engine.generate_tokenized([long_ids, short], max_new_tokens=8)
     assert out[1].token_ids == engine.generate_tokenized([short], max_new_tokens=8)[0].token_ids
     assert out[0].prompt_tokens == len(long_ids.ids)
+
+
+def test_the_blocked_greedy_head_picks_what_argmax_over_full_logits_picks(engine: Engine, docstrings: list[str]) -> None:
+    # Given the final hidden states of 24 real prompts, and rows built to tie across vocabulary blocks
+    decoder: Decoder = engine.decoder
+    rows = _prompts(engine, docstrings, 24, longest=120)
+    with torch.inference_mode():
+        hidden = torch.cat([decoder.prefill(rows, [i]).hidden for i in range(len(rows))])
+        # When the greedy token is taken blockwise and from the full logits
+        full = decoder.logits(hidden)
+        # Then they agree on every row
+        assert decoder.best(hidden) == full.argmax(dim=-1).tolist()
+        # and on a tie between two tokens in different blocks the lower id wins, as with argmax
+        weight = decoder.head.weight
+        a, b = 5, 4096 * 3 + 7
+        probe = (weight[a] / weight[a].norm() ** 2).unsqueeze(0)
+        saved = weight[b].clone()
+        try:
+            weight[b] = weight[a]
+            assert decoder.best(probe) == decoder.logits(probe).argmax(dim=-1).tolist() == [a]
+        finally:
+            weight[b] = saved

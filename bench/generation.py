@@ -1,0 +1,116 @@
+"""Generation: our engine against Hugging Face `generate` one prompt at a time (the naive baseline)
+and llama.cpp (`llama-cpp-python`, sequential, same GGUF file, same thread count), on the same
+prompts and token ids, greedy, `max_new_tokens` each. Output tokens/s for each and the ratios, and
+how many of our outputs equal the one-at-a-time outputs token for token (the exactness check)."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from bench.common import chat_prompt, mixed_length, table, timed
+from worker.corpus import stdlib_docstrings
+from worker.engine import Engine, Tokenized
+
+log = logging.getLogger(__name__)
+
+
+def prompts(engine: Engine, n: int, *, longest: int = 400) -> list[Tokenized]:
+    """n chat prompts over real docstrings, from a few dozen tokens to about `longest`."""
+    docs = [" ".join(d.split()) for d in stdlib_docstrings(min_chars=20, max_chars=4000)]
+    items = engine.tokenize([chat_prompt(d) for d in docs], truncate=True, what="prompt")
+    picked = mixed_length([len(it.ids) for it in items], n, longest=longest)
+    return [items[i] for i in picked]
+
+
+def run_ours(engine: Engine, items: list[Tokenized], max_new_tokens: int) -> tuple[list[list[int]], float]:
+    out = timed(lambda: engine.generate_tokenized(items, max_new_tokens=max_new_tokens))
+    return [g.token_ids for g in out.value], out.seconds
+
+
+def run_hf_one_at_a_time(engine: Engine, items: list[Tokenized], max_new_tokens: int) -> tuple[list[list[int]], float]:
+    lm, eos = engine.model.lm, sorted(engine.eos_ids)
+
+    def one(ids: tuple[int, ...]) -> list[int]:
+        with torch.inference_mode():
+            out = lm.generate(input_ids=torch.tensor([ids], device=engine.device), max_new_tokens=max_new_tokens,
+                              do_sample=False, top_k=None, top_p=None, temperature=None, eos_token_id=eos,
+                              pad_token_id=engine.tokenizer.pad_token_id)
+        row = out[0, len(ids):].tolist()
+        cut = next((j for j, t in enumerate(row) if t in engine.eos_ids), None)
+        return row if cut is None else row[:cut]
+
+    done = timed(lambda: [one(it.ids) for it in items])
+    return done.value, done.seconds
+
+
+def run_llama_cpp(gguf: str, items: list[Tokenized], max_new_tokens: int, threads: int) -> tuple[list[int], float, float]:
+    """Token counts per prompt, seconds, and the load time. Prompts go in as our token ids (the
+    GGUF carries the same vocabulary), so both engines read identical inputs."""
+    from llama_cpp import Llama
+
+    loaded = timed(lambda: Llama(model_path=gguf, n_ctx=1024, n_batch=512, n_threads=threads,
+                                 n_threads_batch=threads, verbose=False))
+    llm = loaded.value
+
+    def one(ids: tuple[int, ...]) -> int:
+        out = llm.create_completion(prompt=list(ids), max_tokens=max_new_tokens, temperature=0.0, top_k=1)
+        return int(out["usage"]["completion_tokens"])
+
+    done = timed(lambda: [one(it.ids) for it in items])
+    return done.value, done.seconds, loaded.seconds
+
+
+def agreement(ours: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
+    same = sum(a == b for a, b in zip(ours, reference))
+    prefixes = []
+    for a, b in zip(ours, reference):
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefixes.append(k)
+    return {"identical": same, "of": len(ours), "shortest_common_prefix": min(prefixes)}
+
+
+def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, naive_every: int = 1) -> dict[str, Any]:
+    """`naive_every` > 1 runs the slow one-at-a-time baseline on every k-th prompt only (a quick run);
+    its rate is then over that subset, which spans the same length range."""
+    items = prompts(engine, n)
+    threads = torch.get_num_threads()
+    log.info("generation: %d prompts, %d to %d tokens, %d new tokens each", len(items),
+             min(len(i.ids) for i in items), max(len(i.ids) for i in items), max_new_tokens)
+    engine.generate_tokenized(items[:2], max_new_tokens=4)  # warm both paths' lazy set-up
+    ours_tokens, ours_s = run_ours(engine, items, max_new_tokens)
+    subset = list(range(0, len(items), naive_every))
+    naive_tokens, naive_s = run_hf_one_at_a_time(engine, [items[i] for i in subset], max_new_tokens)
+    result: dict[str, Any] = {
+        "prompts": len(items), "prompt_tokens": sum(len(i.ids) for i in items), "max_new_tokens": max_new_tokens,
+        "threads": threads,
+        "ours": {"tokens": sum(map(len, ours_tokens)), "seconds": ours_s},
+        "hf_one_at_a_time": {"prompts": len(subset), "tokens": sum(map(len, naive_tokens)), "seconds": naive_s},
+        "greedy_agreement": agreement([ours_tokens[i] for i in subset], naive_tokens),
+    }
+    if gguf is not None:
+        counts, seconds, load_s = run_llama_cpp(gguf, items, max_new_tokens, threads)
+        result["llama_cpp"] = {"tokens": sum(counts), "seconds": seconds, "load_seconds": load_s}
+    for key in ("ours", "hf_one_at_a_time", "llama_cpp"):
+        if key in result:
+            result[key]["tokens_per_s"] = result[key]["tokens"] / result[key]["seconds"]
+    ours_rate = result["ours"]["tokens_per_s"]
+    result["ratio_vs_hf_one_at_a_time"] = ours_rate / result["hf_one_at_a_time"]["tokens_per_s"]
+    if "llama_cpp" in result:
+        result["ratio_vs_llama_cpp"] = ours_rate / result["llama_cpp"]["tokens_per_s"]
+    return result
+
+
+def render(r: dict[str, Any]) -> str:
+    rows = [["ours (token-budget batches)", r["ours"]["tokens"], r["ours"]["seconds"], r["ours"]["tokens_per_s"], "1.00"]]
+    for key, label in (("hf_one_at_a_time", "HF generate, one at a time"),
+                       ("llama_cpp", "llama-cpp-python, sequential (Q4_K_M)")):
+        if key in r:
+            rate = r[key]["tokens_per_s"]
+            rows.append([label, r[key]["tokens"], r[key]["seconds"], rate, f"{r['ours']['tokens_per_s'] / rate:.2f}x"])
+    a = r["greedy_agreement"]
+    return (f"GENERATION: {r['prompts']} prompts ({r['prompt_tokens']} prompt tokens), up to {r['max_new_tokens']} "
+            f"new tokens, greedy, {r['threads']} threads\n"
+            + table(["contender", "output tokens", "seconds", "tokens/s", "ours is"], rows)
+            + f"\n  greedy tokens identical to HF one-at-a-time: {a['identical']} of {a['of']}")
