@@ -30,6 +30,13 @@ test: setup
 test-reliability: setup
 	GEMMA_BATCH_RELIABILITY=full $(PY) -m pytest -m reliability $(PYTEST_ARGS)
 
+# Peers (llama-cpp-python compiles from source the first time: several minutes) and the benchmark;
+# BENCH_ARGS=--quick for a smoke run. Figures go to bench/results/; see docs/PERFORMANCE.md.
+BENCH_ARGS ?=
+bench: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) cli.py bench $(BENCH_ARGS)
+
 schemas: $(STAMP)
 	$(PY) -m schemas.export
 

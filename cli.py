@@ -38,6 +38,9 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      envvar="GEMMA_BATCH_MAX_BATCH_SIZE", help="Most inputs per forward batch."),
         click.option("--max-new-tokens-limit", "max_new_tokens_limit", type=click.IntRange(min=1), default=1024,
                      show_default=True, envvar="GEMMA_BATCH_MAX_NEW_TOKENS", help="Largest max_tokens a task may ask for."),
+        click.option("--quantize", type=click.Choice(["int8"]), default=None, envvar="GEMMA_BATCH_QUANTIZE",
+                     help="Lossy, CPU only: int8 linear layers, about 3x faster, embeddings and greedy text change "
+                          "(docs/PERFORMANCE.md). Default: off, exact fp32."),
         click.option("--log-level", default="WARNING", show_default=True, envvar="GEMMA_BATCH_LOG_LEVEL",
                      type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
     ]
@@ -46,14 +49,15 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*, model: str, cache_dir: Path, device: str, max_input_tokens: int, token_budget: int | None,
-                max_batch_size: int, max_new_tokens_limit: int, log_level: str, **kwargs: Any) -> Any:
+                max_batch_size: int, max_new_tokens_limit: int, quantize: str | None, log_level: str,
+                **kwargs: Any) -> Any:
         from worker.logs import configure_logging
 
         configure_logging(log_level)
         try:
             settings = Settings(model=model, cache_dir=cache_dir, device=device, max_input_tokens=max_input_tokens,
                                 token_budget=token_budget, max_batch_size=max_batch_size,
-                                max_new_tokens=max_new_tokens_limit)
+                                max_new_tokens=max_new_tokens_limit, quantize=quantize)
         except ValueError as exc:
             raise CliError(str(exc)) from None
         return fn(settings=settings, **kwargs)
@@ -513,6 +517,18 @@ def demo(*, n_texts: int, n_prompts: int, out_dir: Path, engine_only: bool, sett
         run_engine_demo(settings, n_texts=n_texts, echo=click.echo)
     else:
         run_pipeline_demo(settings, n_embed=n_texts, n_generate=n_prompts, out_dir=out_dir, echo=click.echo)
+
+
+@main.command("bench", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(*, args: tuple[str, ...]) -> None:
+    """Measure the engine against its peers in one run (python -m bench; --help for its options)."""
+    from bench.__main__ import PeerMissing, main as bench_main
+
+    try:
+        bench_main(list(args))
+    except PeerMissing as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def reembed_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,8 +6,9 @@
 
 Sections, each measured in this one process against peers on the same inputs (see each module):
 generation (bench/generation.py), embedding (bench/embedding.py), pipeline efficiency, cold start
-and memory (bench/pipeline.py). Prints one table per section and a verdict per target; writes all
-figures as JSON to bench/results/peers-<time>.json (or --json PATH)."""
+and memory (bench/pipeline.py), and the lossy int8 mode against fp32 (bench/quantized.py). Prints
+one table per section and a verdict per target; writes all figures as JSON to
+bench/results/peers-<time>.json (or --json PATH)."""
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench import embedding, generation, pipeline
+from bench import embedding, generation, pipeline, quantized
 from bench.common import machine, peak_rss_bytes, table, timed
 from worker.engine import build_engine
 from worker.settings import EMBEDDED_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("generation", "embedding", "pipeline")
-FULL = {"prompts": 64, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000}
-QUICK = {"prompts": 16, "naive_every": 4, "texts": 300, "pipeline_texts": 300}
+SECTIONS = ("generation", "embedding", "pipeline", "int8")
+FULL = {"prompts": 64, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000, "int8_texts": 500, "int8_prompts": 16}
+QUICK = {"prompts": 16, "naive_every": 4, "texts": 300, "pipeline_texts": 300, "int8_texts": 100, "int8_prompts": 4}
 
 
 class PeerMissing(RuntimeError):
@@ -124,6 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "pipeline" in sections:
         results["pipeline"] = pipeline.measure(engine, settings, n=sizes["pipeline_texts"])
         out.append(pipeline.render(results["pipeline"]))
+        print(out[-1], flush=True)
+    if "int8" in sections:
+        results["int8"] = quantized.measure(engine, settings, texts=sizes["int8_texts"], prompts=sizes["int8_prompts"])
+        out.append(quantized.render(results["int8"]))
         print(out[-1], flush=True)
     results["bench_process_peak_rss_bytes"] = peak_rss_bytes()
     results["machine"]["load_average_end"] = os.getloadavg()

@@ -138,6 +138,8 @@ class Decoder:
         """The greedy token per row: the output layer in vocabulary blocks with a running maximum.
         Same scores as `logits` (each is one dot product over the hidden size), a fraction of the
         memory traffic; ties go to the lowest token id, as `argmax` breaks them."""
+        if not isinstance(self.head, torch.nn.Linear):  # a quantized head: its own kernel, whole
+            return self.logits(hidden).argmax(dim=-1).tolist()
         weight, bias = self.head.weight, self.head.bias
         best_score = torch.full((hidden.shape[0],), float("-inf"), dtype=hidden.dtype, device=hidden.device)
         best_id = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)

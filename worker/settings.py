@@ -35,9 +35,12 @@ class Settings:
     max_lease_s: int = 900
     lease_extension_s: int = 10
     drain_s: float = 6.0
+    quantize: str | None = None  # "int8": lossy, CPU only; see worker/model/loader.quantize_int8
     result_cache: bool = True  # answer identical greedy or seeded tasks from the results store's _cache/
 
     def __post_init__(self) -> None:
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be int8 or unset, got {self.quantize!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("max_input_tokens", "token_budget", "max_batch_size", "max_new_tokens", "max_texts_per_task",

@@ -1,0 +1,53 @@
+"""The int8 opt-in (`--quantize int8`, lossy, CPU) against the exact fp32 engine, in one process on
+the same inputs: its speed-up and its quality cost (embedding cosine to the fp32 vectors; greedy
+outputs identical token for token, and the share of tokens before the first difference)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from bench import generation
+from bench.common import embed_texts, table, timed
+from worker.engine import Engine, build_engine
+from worker.settings import Settings
+
+
+def measure(engine: Engine, settings: Settings, *, texts: int, prompts: int, max_new_tokens: int = 64) -> dict[str, Any]:
+    lossy = build_engine(replace(settings, quantize="int8"))
+    docs = embed_texts(texts)
+    items = generation.prompts(engine, prompts)
+    for e in (engine, lossy):  # warm
+        e.embed(docs[:8], truncate=True)
+    exact_embed = timed(lambda: engine.embed(docs, truncate=True).vectors)
+    lossy_embed = timed(lambda: lossy.embed(docs, truncate=True).vectors)
+    exact_gen = timed(lambda: engine.generate_tokenized(items, max_new_tokens=max_new_tokens))
+    lossy_gen = timed(lambda: lossy.generate_tokenized(items, max_new_tokens=max_new_tokens))
+    cos = np.sum(exact_embed.value * lossy_embed.value, axis=1)
+    a = generation.agreement([g.token_ids for g in lossy_gen.value], [g.token_ids for g in exact_gen.value])
+    common = []
+    for x, y in zip(exact_gen.value, lossy_gen.value):
+        k = next((j for j, (p, q) in enumerate(zip(x.token_ids, y.token_ids)) if p != q), min(len(x.token_ids), len(y.token_ids)))
+        common.append(k / max(len(x.token_ids), 1))
+    out_tokens = sum(len(g.token_ids) for g in exact_gen.value), sum(len(g.token_ids) for g in lossy_gen.value)
+    return {"texts": texts, "prompts": prompts, "max_new_tokens": max_new_tokens,
+            "embed_seconds": {"fp32": exact_embed.seconds, "int8": lossy_embed.seconds},
+            "embed_speedup": exact_embed.seconds / lossy_embed.seconds,
+            "embed_cosine": {"mean": float(cos.mean()), "min": float(cos.min()), "p10": float(np.percentile(cos, 10))},
+            "generate_tokens_per_s": {"fp32": out_tokens[0] / exact_gen.seconds, "int8": out_tokens[1] / lossy_gen.seconds},
+            "generate_speedup": (out_tokens[1] / lossy_gen.seconds) / (out_tokens[0] / exact_gen.seconds),
+            "greedy_identical": a["identical"], "greedy_mean_shared_prefix": float(np.mean(common))}
+
+
+def render(r: dict[str, Any]) -> str:
+    g = r["generate_tokens_per_s"]
+    return (f"INT8 (--quantize int8, lossy) against fp32: {r['texts']} texts, {r['prompts']} prompts x "
+            f"{r['max_new_tokens']} new tokens\n"
+            + table(["measure", "fp32", "int8", "int8 is"], [
+                ["embed seconds", r["embed_seconds"]["fp32"], r["embed_seconds"]["int8"], f"{r['embed_speedup']:.2f}x faster"],
+                ["generate tokens/s", g["fp32"], g["int8"], f"{r['generate_speedup']:.2f}x faster"]])
+            + f"\n  quality cost: embedding cosine to fp32 mean {r['embed_cosine']['mean']:.4f}, "
+              f"10th percentile {r['embed_cosine']['p10']:.4f}, min {r['embed_cosine']['min']:.4f}; greedy outputs "
+              f"identical {r['greedy_identical']} of {r['prompts']}, on average the first "
+              f"{r['greedy_mean_shared_prefix']:.0%} of tokens shared")

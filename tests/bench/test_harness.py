@@ -1,0 +1,35 @@
+"""The benchmark harness's own logic (the measurements themselves are `make bench`, never tests)."""
+from __future__ import annotations
+
+from bench.__main__ import targets
+from bench.common import mixed_length, table
+
+
+def test_mixed_length_steps_evenly_from_short_to_the_longest_allowed() -> None:
+    # Given a corpus skewed to short texts (most 10-20 tokens, few long ones)
+    lengths = [10 + i % 10 for i in range(500)] + [50, 120, 200, 260, 330, 399, 401, 900]
+    picked = mixed_length(lengths, 6, longest=400)
+    chosen = sorted(lengths[i] for i in picked)
+    # Then the picks span the range evenly (not the corpus's skew), never past the limit, no repeats
+    assert chosen[0] == 10 and chosen[-1] == 399 and len(set(picked)) == 6
+    assert all(c <= 400 for c in chosen)
+    assert sum(c > 100 for c in chosen) >= 3
+    assert picked == sorted(picked)  # corpus order
+
+
+def test_targets_report_each_goal_with_its_direction() -> None:
+    results = {"generation": {"ratio_vs_llama_cpp": 1.5, "ratio_vs_hf_one_at_a_time": 7.0},
+               "embedding": {"ratio_vs_sentence_transformers": 2.0, "compute_floor": {"fraction_reached": 0.7}},
+               "pipeline": {"efficiency": 0.95, "cold_start_s": 12.0, "worker_peak_rss_bytes": 2.0e9}}
+    verdicts = {row[0]: row[3] for row in targets(results)}
+    assert verdicts == {
+        "generation vs llama-cpp-python sequential": "NO", "generation vs HF one at a time": "yes",
+        "embedding vs sentence-transformers": "yes", "embedding share of compute floor": "NO",
+        "pipeline efficiency": "yes", "cold start, s": "NO", "worker peak RSS, GB": "yes"}
+    # sections not run are left out rather than reported as failures
+    assert targets({"pipeline": {"efficiency": 0.5}}) == [["pipeline efficiency", "0.50", ">= 0.90", "NO"]]
+
+
+def test_table_aligns_columns() -> None:
+    lines = table(["a", "bb"], [["x", 1.23456], ["yyyy", 12345.6]]).splitlines()
+    assert len({len(line) for line in lines}) == 1 and lines[2].endswith("1.23") and lines[3].endswith("12,345.6")
