@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import inspect
 import logging
 import os
@@ -151,20 +152,27 @@ def publish_task(topic: str, envelope: Mapping[str, Any] | BaseModel, *, project
 
     Blocking; from async code use `await asyncio.to_thread(publish_task, ...)`. The result appears at
     `{results}/{batch_id or "adhoc"}/{task_id}.json` once a worker has run it."""
-    from google.cloud import pubsub_v1
-
     raw = envelope.model_dump(mode="json") if isinstance(envelope, BaseModel) else dict(envelope)
     raw.setdefault("task_id", f"t-{uuid.uuid4().hex}")
     task = validate_envelope(raw)  # DecodeError (a TaskError) names what is wrong
     path = topic if topic.startswith("projects/") else _topic_path(topic, project)
     attributes = {"task_id": task.task_id, "kind": task.kind, **({"batch_id": task.batch_id} if task.batch_id else {})}
-    client = publisher or pubsub_v1.PublisherClient()
+    client = publisher or default_publisher(os.environ.get("PUBSUB_EMULATOR_HOST"))
     try:
         client.publish(path, task.model_dump_json().encode(), **attributes).result(timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - any publish failure is one retryable error for the agent
         raise TaskError(ErrorCode.PUBLISH_FAILED, f"could not publish task {task.task_id} to {path}: {exc}",
                         retryable=True) from exc
     return task.task_id
+
+
+@functools.lru_cache(maxsize=4)
+def default_publisher(emulator_host: str | None) -> Any:
+    """One publisher per process (per emulator address, which the client reads when it is made):
+    gRPC channels are pooled and reused, never opened per task."""
+    from google.cloud import pubsub_v1
+
+    return pubsub_v1.PublisherClient()
 
 
 def _topic_path(topic: str, project: str | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from schemas.errors import TaskError
 from tests.fixtures.pipeline import new_topic
 from tests.fixtures.services import TEST_PROJECT
 from worker.app import Runtime, build_runtime
-from worker.client import GemmaClient, GemmaClientError, publish_task
+from worker.client import GemmaClient, GemmaClientError, default_publisher, publish_task
 from worker.engine import Engine
 from worker.service import create_app
 from worker.service_run import BackgroundServer
@@ -139,6 +140,10 @@ def test_publish_task_puts_a_valid_envelope_on_the_topic(pubsub_emulator) -> Non
     topic, subscription = new_topic(TEST_PROJECT)
     # When an agent publishes a task without an id, and tries one with a bad payload
     task_id = publish_task(topic, {"kind": "embed", "payload": {"texts": ["published"]}, "batch_id": "b-1"})
+    publisher = default_publisher(os.environ.get("PUBSUB_EMULATOR_HOST"))
+    made = default_publisher.cache_info().misses
+    publish_task(topic, {"kind": "embed", "payload": {"texts": ["second"]}})
+    assert default_publisher.cache_info().misses == made  # no new client for the second task
     with pytest.raises(TaskError) as caught:
         publish_task(topic, {"kind": "embed", "payload": {}})
     # Then the valid one arrives with its id in the body and the attributes; the bad one was never sent
@@ -147,8 +152,10 @@ def test_publish_task_puts_a_valid_envelope_on_the_topic(pubsub_emulator) -> Non
         received = subscriber.pull(subscription=subscription, max_messages=10, timeout=30).received_messages
     finally:
         subscriber.close()
-    assert len(received) == 1
-    message = received[0].message
+    # (both valid ones went through the process's one pooled publisher, not a client per task)
+    assert default_publisher(os.environ.get("PUBSUB_EMULATOR_HOST")) is publisher
+    assert len(received) == 2
+    message = next(r.message for r in received if json.loads(r.message.data)["task_id"] == task_id)
     assert json.loads(message.data)["task_id"] == task_id and task_id.startswith("t-")
     assert dict(message.attributes) == {"task_id": task_id, "kind": "embed", "batch_id": "b-1"}
     assert caught.value.code.value == "missing_field"
