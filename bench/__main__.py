@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the harness, proves nothing")
     parser.add_argument("--sweep", action="store_true", help="also sweep the embedding token budget and min fill")
+    parser.add_argument("--prompts", type=int, default=None, help="generation prompts (full: 64)")
+    parser.add_argument("--naive-every", type=int, default=None,
+                        help="run HF one-at-a-time on every k-th prompt only (full: 1, every prompt)")
+    parser.add_argument("--texts", type=int, default=None, help="embedding and pipeline texts (full: 2,000)")
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="model source (default: the embedded Gemma 3 270M)")
     parser.add_argument("--json", type=Path, default=None, help="where to write the figures")
     args = parser.parse_args(argv)
@@ -99,7 +103,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     require_peers(sections)
-    sizes = QUICK if args.quick else FULL
+    sizes = dict(QUICK if args.quick else FULL)
+    for key, value in (("prompts", args.prompts), ("naive_every", args.naive_every), ("texts", args.texts),
+                       ("pipeline_texts", args.texts)):
+        if value is not None:
+            if value < 1:
+                parser.error(f"--{key.replace('_', '-')} must be at least 1")
+            sizes[key] = value
     settings = Settings(model=args.model, device="cpu")
     results: dict[str, Any] = {"when": datetime.now(timezone.utc).isoformat(), "quick": args.quick,
                                "machine": machine(), "sizes": sizes}
