@@ -103,7 +103,7 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
 
 
 def render(r: dict[str, Any]) -> str:
-    rows = [["ours (token-budget batches)", r["ours"]["tokens"], r["ours"]["seconds"], r["ours"]["tokens_per_s"], "1.00"]]
+    rows = [["ours (merged decoder)", r["ours"]["tokens"], r["ours"]["seconds"], r["ours"]["tokens_per_s"], "1.00"]]
     for key, label in (("hf_one_at_a_time", "HF generate, one at a time"),
                        ("llama_cpp", "llama-cpp-python, sequential (Q4_K_M)")):
         if key in r:

@@ -32,7 +32,7 @@ def test_int8_answers_are_close_to_fp32_but_not_identical(int8_engine: Engine, e
     exact, lossy = engine.embed(texts).vectors, int8_engine.embed(texts).vectors
     cosines = np.sum(exact * lossy, axis=1)
     # Close (a broken quantization gives unrelated vectors, cosine far below), yet really changed
-    assert cosines.mean() > 0.9 and cosines.min() > 0.8
+    assert cosines.mean() > 0.9 and cosines.min() > 0.7
     assert cosines.min() < 0.9999
     out = int8_engine.generate(["The capital of France is"], max_new_tokens=8)[0]
     assert out.token_ids and out.text.strip()
