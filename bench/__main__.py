@@ -117,29 +117,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engine = built.value
     results["engine"] = {"model": engine.name, "load_and_prepare_s": built.seconds, "token_budget": engine.token_budget,
                          "decode_tokens": engine.decode_tokens, "max_batch_size": engine.max_batch_size}
-    out = []
-    if "generation" in sections:
-        results["generation"] = generation.measure(engine, n=sizes["prompts"], max_new_tokens=64,
-                                                   gguf=gguf_path(settings), naive_every=sizes["naive_every"])
-        out.append(generation.render(results["generation"]))
-        print(out[-1], flush=True)
-    if "embedding" in sections:
-        results["embedding"] = embedding.measure(engine, settings, n=sizes["texts"])
-        out.append(embedding.render(results["embedding"]))
-        print(out[-1], flush=True)
-        if args.sweep:
+    runs = {
+        "generation": (lambda: generation.measure(engine, n=sizes["prompts"], max_new_tokens=64,
+                                                  gguf=gguf_path(settings), naive_every=sizes["naive_every"]),
+                       generation.render),
+        "embedding": (lambda: embedding.measure(engine, settings, n=sizes["texts"]), embedding.render),
+        "pipeline": (lambda: pipeline.measure(engine, settings, n=sizes["pipeline_texts"]), pipeline.render),
+        "int8": (lambda: quantized.measure(engine, settings, texts=sizes["int8_texts"], prompts=sizes["int8_prompts"]),
+                 quantized.render),
+    }
+    for name in SECTIONS:
+        if name not in sections:
+            continue
+        measure, render = runs[name]
+        results[name] = measure()
+        print(render(results[name]), flush=True)
+        if name == "embedding" and args.sweep:
             results["embedding_sweep"] = embedding.sweep(engine, n=min(sizes["texts"], 500),
                                                          budgets=[512, 1024, 2048, 4096], fills=[0.8, 0.9, 0.95])
-            out.append(embedding.render_sweep(results["embedding_sweep"]))
-            print(out[-1], flush=True)
-    if "pipeline" in sections:
-        results["pipeline"] = pipeline.measure(engine, settings, n=sizes["pipeline_texts"])
-        out.append(pipeline.render(results["pipeline"]))
-        print(out[-1], flush=True)
-    if "int8" in sections:
-        results["int8"] = quantized.measure(engine, settings, texts=sizes["int8_texts"], prompts=sizes["int8_prompts"])
-        out.append(quantized.render(results["int8"]))
-        print(out[-1], flush=True)
+            print(embedding.render_sweep(results["embedding_sweep"]), flush=True)
     results["bench_process_peak_rss_bytes"] = peak_rss_bytes()
     results["machine"]["load_average_end"] = os.getloadavg()
     results["targets"] = targets(results)

@@ -15,19 +15,12 @@ import numpy as np
 import torch
 
 from bench.common import embed_texts, table, timed
+from bench.reembed import flops_per_token
 from worker.engine import Engine, plan_batches
 from worker.model.source import prepare_model
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def flops_per_token(engine: Engine) -> float:
-    """2 x non-embedding parameters: the matmul work per token of a forward pass (attention's
-    length-dependent term, norms and activations are left out, so the floor is optimistic)."""
-    body = engine.model.body
-    embedding = body.get_input_embeddings().weight.numel()
-    return 2.0 * (sum(p.numel() for p in body.parameters()) - embedding)
 
 
 def linear_shapes(engine: Engine) -> list[tuple[int, int]]:

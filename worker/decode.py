@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 # Vocabulary rows per output-layer block when only the best token is needed: a block's logits stay
 # in cache and the (rows x 262k) logits matrix is never written out (bench/generation.py measures it).
@@ -82,7 +82,7 @@ class _SlidingSlotLayer(_SlotLayer):
 
 @dataclass
 class Prefilled:
-    """One prefill group: its rows' caches, last-position logits and padded width."""
+    """One prefill group: its rows' caches, last-position hidden states and padded width."""
 
     rows: list[int]
     cache: DynamicCache

@@ -48,15 +48,20 @@ class StopOnStrings(StoppingCriteria):
         self.stops = stops
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
-        # Every token decodes to at least one character, so a stop string of n characters
-        # lies within the last n + 1 tokens of the row when it first appears.
-        self.window = max(len(s) for s in stops) + 1
+        self.window = stop_window(stops)
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         tails = input_ids[:, self.prompt_width:][:, -self.window:].tolist()
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
         done = [any(s in text for s in self.stops) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def stop_window(stops: list[str]) -> int:
+    """How many trailing tokens to decode to see a new stop string: every token decodes to at
+    least one character, so a stop of n characters lies within the last n + 1 tokens when it
+    first appears."""
+    return max((len(s) for s in stops), default=0) + 1
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -18,7 +18,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from schemas.errors import ErrorCode, TaskError
 from worker.constrained import CompiledSchema, GrammarRows, SchemaGrammars
 from worker.decode import Decoder, fits
-from worker.decoding import RowSampler, StopOnStrings, cut_at_stop
+from worker.decoding import RowSampler, StopOnStrings, cut_at_stop, stop_window
 from worker.model.loader import LoadedModel, load_from_settings
 from worker.settings import Settings
 
@@ -74,7 +74,7 @@ class Engine:
     """Gemma behind a narrow interface; one instance per process, used from one thread."""
 
     def __init__(self, model: LoadedModel, *, max_input_tokens: int, token_budget: int,
-                 max_batch_size: int, max_new_tokens: int, decode_tokens: int | None = None) -> None:
+                 max_batch_size: int, max_new_tokens: int) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.device = model.placement.device
@@ -84,7 +84,7 @@ class Engine:
         self.max_new_tokens = max_new_tokens
         # Key/value slots (rows x positions) one merged decode batch may hold: 8 prefill budgets,
         # 600 MB of cache for this model in fp32 at the CPU budget.
-        self.decode_tokens = decode_tokens or 8 * token_budget
+        self.decode_tokens = 8 * token_budget
         self.decoder = Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device) if model.lm is not None else None
         self.batched_decode = True  # False: every batch through `generate` (the unoptimised path, for comparison)
         eos = model.lm.generation_config.eos_token_id if model.lm is not None else self.tokenizer.eos_token_id
@@ -289,7 +289,7 @@ class Engine:
     def _decode_merged(self, rows: list[tuple[int, ...]], *, max_new_tokens: int, temperature: float, top_p: float,
                        stop: list[str], seeds: list[int]) -> list[tuple[list[int], str]]:
         sampler = RowSampler(temperature=temperature, top_p=top_p, seeds=seeds) if temperature > 0 else None
-        window = max((len(s) for s in stop), default=0) + 1  # as StopOnStrings: a stop lies in the last n + 1 tokens
+        window = stop_window(stop)
 
         def finished(row: int, ids: list[int]) -> bool:
             if ids[-1] in self.eos_ids:
