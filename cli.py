@@ -33,7 +33,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-input-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
                      envvar="GEMMA_BATCH_MAX_INPUT_TOKENS", help="Longest input accepted, in tokens."),
         click.option("--token-budget", type=click.IntRange(min=1), default=None, envvar="GEMMA_BATCH_TOKEN_BUDGET",
-                     help="Padded tokens per forward batch (longest x count). Default: 2048 on CPU, 32768 on CUDA."),
+                     help="Padded tokens per forward batch (longest x count). Default: 1024 on CPU, 32768 on CUDA."),
         click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
                      envvar="GEMMA_BATCH_MAX_BATCH_SIZE", help="Most inputs per forward batch."),
         click.option("--max-new-tokens-limit", "max_new_tokens_limit", type=click.IntRange(min=1), default=1024,

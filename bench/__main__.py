@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the harness, proves nothing")
-    parser.add_argument("--sweep", action="store_true", help="also sweep the embedding token budget and min fill")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the embedding token budget and per-batch overhead")
     parser.add_argument("--prompts", type=int, default=None, help="generation prompts (full: 64)")
     parser.add_argument("--naive-every", type=int, default=None,
                         help="run HF one-at-a-time on every k-th prompt only (full: 1, every prompt)")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(render(results[name]), flush=True)
         if name == "embedding" and args.sweep:
             results["embedding_sweep"] = embedding.sweep(engine, n=min(sizes["texts"], 500),
-                                                         budgets=[512, 1024, 2048, 4096], fills=[0.8, 0.9, 0.95])
+                                                         budgets=[512, 1024, 2048], overheads=[0, 32, 128])
             print(embedding.render_sweep(results["embedding_sweep"]), flush=True)
     results["bench_process_peak_rss_bytes"] = peak_rss_bytes()
     results["machine"]["load_average_end"] = os.getloadavg()

@@ -23,6 +23,11 @@ from worker.model.loader import LoadedModel, load_from_settings
 from worker.settings import Settings
 
 
+# The fixed cost of one forward pass, in padded tokens' worth of work: what `plan_batches` weighs
+# against padding when it decides where one batch ends (measured by `python -m bench --sweep`).
+BATCH_OVERHEAD = 128
+
+
 @dataclass(frozen=True)
 class Tokenized:
     """One input after `pre`: its token ids (already within the limit) and whether it was cut."""
@@ -48,26 +53,31 @@ class Generation:
 
 
 def plan_batches(costs: Sequence[int], *, token_budget: int, max_batch_size: int,
-                 min_fill: float = 0.8) -> list[list[int]]:
-    """Indices grouped longest-first so each batch's padded cost (longest × count) stays in budget
-    and at least `min_fill` of it is real tokens rather than padding.
+                 batch_overhead: int = BATCH_OVERHEAD) -> list[list[int]]:
+    """Indices grouped longest-first into batches whose padded cost (longest × count) stays in
+    budget, choosing the split that minimises padded tokens plus `batch_overhead` per batch (the
+    fixed cost of one forward pass, in tokens). Batches are runs of the length-sorted order, so an
+    exact search over where each run ends is cheap (dynamic programming, O(items × batch size)).
 
     An item over the budget on its own still gets a batch of one."""
     order = sorted(range(len(costs)), key=lambda i: costs[i], reverse=True)
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[j]: cheapest plan for the j longest items
+    cut = [0] * (n + 1)  # cut[j]: where the last batch of that plan starts
+    for j in range(1, n + 1):
+        for i in range(j - 1, max(j - max_batch_size, 0) - 1, -1):
+            padded = costs[order[i]] * (j - i)  # order[i] is the longest of items i..j-1
+            if padded > token_budget and i < j - 1:
+                break  # longer batches starting further back only cost more
+            total = best[i] + padded + batch_overhead
+            if total < best[j]:
+                best[j], cut[j] = total, i
     batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for i in order:
-        if current:
-            padded = costs[current[0]] * (len(current) + 1)
-            if padded > token_budget or len(current) >= max_batch_size or (real + costs[i]) < min_fill * padded:
-                batches.append(current)
-                current, real = [], 0
-        current.append(i)
-        real += costs[i]
-    if current:
-        batches.append(current)
-    return batches
+    j = n
+    while j > 0:
+        batches.append(order[cut[j]: j])
+        j = cut[j]
+    return batches[::-1]
 
 
 class Engine:
@@ -82,9 +92,9 @@ class Engine:
         self.token_budget = token_budget
         self.max_batch_size = max_batch_size
         self.max_new_tokens = max_new_tokens
-        # Key/value slots (rows x positions) one merged decode batch may hold: 8 prefill budgets,
-        # 600 MB of cache for this model in fp32 at the CPU budget.
-        self.decode_tokens = 8 * token_budget
+        # Key/value slots (rows x positions) one merged decode batch may hold: 600 MB of cache for
+        # this model in fp32 on CPU (see default_decode_tokens).
+        self.decode_tokens = default_decode_tokens(self.device)
         self.decoder = Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device) if model.lm is not None else None
         self.batched_decode = True  # False: every batch through `generate` (the unoptimised path, for comparison)
         eos = model.lm.generation_config.eos_token_id if model.lm is not None else self.tokenizer.eos_token_id
@@ -263,7 +273,8 @@ class Engine:
         Merged: longest prompts first, as many rows as the key/value budget holds (rows x (longest
         + new tokens) <= decode_tokens, at most max_batch_size); the decoder prefills each in tight
         sub-groups itself. The rest (constrained decoding, prompts past the sliding window) go
-        through `generate` in token-budget batches."""
+        through `generate` in batches under the same key/value budget (prompt + new tokens per
+        row): a decode step reads every weight whatever the batch, so more rows per step pay."""
         config = self.decoder.config if self.decoder is not None else None
         merged_ok = self.batched_decode and not constrained and self.decoder is not None
         fitting = [i for i, it in enumerate(items)
@@ -282,7 +293,7 @@ class Engine:
         if current:
             plan.append((current, True))
         costs = [len(items[i].ids) + max_new_tokens for i in rest]
-        for batch in plan_batches(costs, token_budget=self.token_budget, max_batch_size=self.max_batch_size):
+        for batch in plan_batches(costs, token_budget=self.decode_tokens, max_batch_size=self.max_batch_size):
             plan.append(([rest[k] for k in batch], False))
         return plan
 
@@ -348,9 +359,17 @@ class Engine:
 
 
 def default_token_budget(device: torch.device) -> int:
-    """Padded tokens per forward batch. On CPU small batches keep weights and activations in
-    cache (measured in bench/); a GPU needs large batches to fill its cores."""
-    return 32768 if device.type == "cuda" else 2048
+    """Padded tokens per forward batch. On CPU, batches of about 1,000 tokens keep the layers'
+    activations in cache (2,048 was 15% slower per token, `python -m bench --sections embedding
+    --sweep`); a GPU needs large batches to fill its cores."""
+    return 32768 if device.type == "cuda" else 1024
+
+
+def default_decode_tokens(device: torch.device) -> int:
+    """Key/value slots (rows x positions) of one merged decode batch: 16,384 on CPU (600 MB of
+    cache for Gemma 3 270M in fp32: 35 rows of a 400-token prompt and 64 new tokens), eight times
+    that on a GPU."""
+    return 262144 if device.type == "cuda" else 16384
 
 
 def build_engine(settings: Settings) -> Engine:

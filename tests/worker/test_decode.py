@@ -114,6 +114,10 @@ def test_work_the_merged_decoder_cannot_hold_goes_through_generate(engine: Engin
     try:
         engine.decode_tokens = 4 * (len(short.ids) + 8)
         assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=False)] == [4, 4, 2]
+        # and `generate` batches (constrained here) by the same key/value budget, not the forward budget
+        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=True)] == [4, 4, 2]
+        engine.decode_tokens = 10 * (len(short.ids) + 8)
+        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=True)] == [10]
     finally:
         engine.decode_tokens = old
     # and both kinds of batch in one call still answer in input order

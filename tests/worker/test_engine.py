@@ -159,3 +159,40 @@ def test_plan_batches_respects_budget_and_covers_every_item() -> None:
         assert [costs[i] for i in batch] == sorted((costs[i] for i in batch), reverse=True)
     # And an item over the budget still gets a batch of its own
     assert plan_batches([5000, 10], token_budget=2048, max_batch_size=8) == [[0], [1]]
+
+
+def _cheapest(costs: list[int], *, budget: int, size: int, overhead: int) -> int:
+    """Brute force: the cheapest split of the length-sorted costs into runs (padded + overhead each)."""
+    ordered = sorted(costs, reverse=True)
+    best = None
+    for mask in range(1 << (len(ordered) - 1)):
+        total, start = 0, 0
+        for end in range(1, len(ordered) + 1):
+            if end == len(ordered) or mask >> (end - 1) & 1:
+                run = ordered[start:end]
+                if len(run) > size or (len(run) > 1 and run[0] * len(run) > budget):
+                    total = None
+                    break
+                total += run[0] * len(run) + overhead
+                start = end
+        if total is not None and (best is None or total < best):
+            best = total
+    return best
+
+
+def test_plan_batches_finds_the_cheapest_split() -> None:
+    # Given small random sets of lengths / When planned with a per-batch overhead
+    rng = random.Random(7)
+    for trial in range(60):
+        costs = [rng.randint(1, 300) for _ in range(rng.randint(1, 9))]
+        overhead = rng.choice([0, 16, 64])
+        plan = plan_batches(costs, token_budget=600, max_batch_size=4, batch_overhead=overhead)
+        cost = sum(max(costs[i] for i in b) * len(b) + overhead for b in plan)
+        # Then no split of the sorted order is cheaper (padding plus overhead), and all are covered
+        assert cost == _cheapest(costs, budget=600, size=4, overhead=overhead), (costs, overhead, plan)
+        assert sorted(i for b in plan for i in b) == list(range(len(costs)))
+    # And padding is weighed against the overhead: equal lengths share a batch, and a lone long
+    # item is not padded onto short ones unless a batch costs more than the padding
+    assert plan_batches([100, 100, 100], token_budget=1000, max_batch_size=8, batch_overhead=1) == [[0, 1, 2]]
+    assert len(plan_batches([200, 20, 20, 20], token_budget=1000, max_batch_size=8, batch_overhead=10)) == 2
+    assert len(plan_batches([200, 20, 20, 20], token_budget=1000, max_batch_size=8, batch_overhead=600)) == 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,6 +48,7 @@ def load_model(prepared: PreparedModel, placement: Placement) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(prepared.path)
     except OSError as exc:
         raise ModelSourceError(f"cannot load {prepared.path}: {exc}") from exc
+    fuse_norms(lm if lm is not None else body)
     tokenizer.padding_side = "left"  # generation appends on the right, so pads go left
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -60,6 +62,23 @@ def load_model(prepared: PreparedModel, placement: Placement) -> LoadedModel:
         hidden_size=int(text_config.hidden_size),
         load_seconds=time.monotonic() - started,
     )
+
+
+def _fused_gemma_rms_norm(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Gemma's RMSNorm (normalise in fp32, scale by 1 + weight) as one `rms_norm` kernel."""
+    return torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
+
+
+def fuse_norms(root: torch.nn.Module) -> int:
+    """Run every Gemma RMSNorm through PyTorch's fused `rms_norm` instead of its five separate
+    element-wise passes (same arithmetic, same fp32 accumulation; about 2% of an embedding pass on
+    CPU, bench/). Returns how many norms it changed; other models are left as they are."""
+    count = 0
+    for module in root.modules():
+        if type(module).__name__ in ("Gemma3RMSNorm", "Gemma2RMSNorm", "GemmaRMSNorm") and hasattr(module, "eps"):
+            module.forward = types.MethodType(_fused_gemma_rms_norm, module)
+            count += 1
+    return count
 
 
 def quantize_int8(loaded: LoadedModel) -> LoadedModel:
