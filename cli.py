@@ -41,6 +41,9 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--quantize", type=click.Choice(["int8"]), default=None, envvar="GEMMA_BATCH_QUANTIZE",
                      help="Lossy, CPU only: int8 linear layers, about 3x faster, embeddings and greedy text change "
                           "(docs/PERFORMANCE.md). Default: off, exact fp32."),
+        click.option("--compile/--no-compile", "compile_", default=False, envvar="GEMMA_BATCH_COMPILE",
+                     help="torch.compile the embedding forward pass: exact, faster embedding once compiled, "
+                          "but startup takes minutes longer (docs/PERFORMANCE.md). Default: off."),
         click.option("--log-level", default="WARNING", show_default=True, envvar="GEMMA_BATCH_LOG_LEVEL",
                      type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
     ]
@@ -49,15 +52,15 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*, model: str, cache_dir: Path, device: str, max_input_tokens: int, token_budget: int | None,
-                max_batch_size: int, max_new_tokens_limit: int, quantize: str | None, log_level: str,
-                **kwargs: Any) -> Any:
+                max_batch_size: int, max_new_tokens_limit: int, quantize: str | None, compile_: bool,
+                log_level: str, **kwargs: Any) -> Any:
         from worker.logs import configure_logging
 
         configure_logging(log_level)
         try:
             settings = Settings(model=model, cache_dir=cache_dir, device=device, max_input_tokens=max_input_tokens,
                                 token_budget=token_budget, max_batch_size=max_batch_size,
-                                max_new_tokens=max_new_tokens_limit, quantize=quantize)
+                                max_new_tokens=max_new_tokens_limit, quantize=quantize, compile=compile_)
         except ValueError as exc:
             raise CliError(str(exc)) from None
         return fn(settings=settings, **kwargs)
@@ -574,7 +577,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The model options as the environment variables a child `reembed-task` reads them from."""
     values = {"GEMMA_BATCH_MODEL": settings.model, "GEMMA_BATCH_CACHE": str(settings.cache_dir),
               "GEMMA_BATCH_DEVICE": settings.device, "GEMMA_BATCH_MAX_INPUT_TOKENS": settings.max_input_tokens,
-              "GEMMA_BATCH_TOKEN_BUDGET": settings.token_budget, "GEMMA_BATCH_MAX_BATCH_SIZE": settings.max_batch_size}
+              "GEMMA_BATCH_TOKEN_BUDGET": settings.token_budget, "GEMMA_BATCH_MAX_BATCH_SIZE": settings.max_batch_size,
+              "GEMMA_BATCH_QUANTIZE": settings.quantize, "GEMMA_BATCH_COMPILE": "true" if settings.compile else None}
     return {k: str(v) for k, v in values.items() if v is not None}
 
 

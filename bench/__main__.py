@@ -1,12 +1,14 @@
 """The peer benchmark: `make bench`, `python cli.py bench` or `python -m bench`.
 
-    python -m bench                          # every section at full size (about 30 min on 2 cores)
+    python -m bench                          # every section at full size (about 45 min on 2 cores)
     python -m bench --quick                  # small sizes, a few minutes: a smoke run, not a claim
     python -m bench --sections embedding --sweep
+    python -m bench --sections compile       # embedding with --compile against eager
 
 Sections, each measured in this one process against peers on the same inputs (see each module):
-generation (bench/generation.py), embedding (bench/embedding.py), pipeline efficiency, cold start
-and memory (bench/pipeline.py), and the lossy int8 mode against fp32 (bench/quantized.py). Prints
+generation (bench/generation.py), embedding and embedding with --compile against eager
+(bench/embedding.py), pipeline efficiency, cold start and memory (bench/pipeline.py), and the
+lossy int8 mode against fp32 (bench/quantized.py). Prints
 one table per section and a verdict per target; writes all figures as JSON to
 bench/results/peers-<time>.json (or --json PATH)."""
 from __future__ import annotations
@@ -26,7 +28,7 @@ from worker.engine import build_engine
 from worker.settings import EMBEDDED_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("generation", "embedding", "pipeline", "int8")
+SECTIONS = ("generation", "embedding", "compile", "pipeline", "int8")
 FULL = {"prompts": 64, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000, "int8_texts": 500, "int8_prompts": 16}
 QUICK = {"prompts": 16, "naive_every": 4, "texts": 300, "pipeline_texts": 300, "int8_texts": 100, "int8_prompts": 4}
 
@@ -78,6 +80,8 @@ def targets(results: dict[str, Any]) -> list[list[Any]]:
     add("generation vs HF one at a time", g.get("ratio_vs_hf_one_at_a_time"), 6.0, fmt=".2f")
     add("embedding vs sentence-transformers", e.get("ratio_vs_sentence_transformers"), 1.15, fmt=".2f")
     add("embedding share of compute floor", e.get("compute_floor", {}).get("fraction_reached"), 0.85, fmt=".2f")
+    add("embedding share of compute floor, --compile", results.get("compile", {}).get("fraction_reached"),
+        0.85, fmt=".2f")
     add("pipeline efficiency", p.get("efficiency"), 0.90, fmt=".2f")
     add("cold start, s", p.get("cold_start_s"), 10.0, fmt=".1f", at_most=True)
     rss = p.get("worker_peak_rss_bytes")
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                   gguf=gguf_path(settings), naive_every=sizes["naive_every"]),
                        generation.render),
         "embedding": (lambda: embedding.measure(engine, settings, n=sizes["texts"]), embedding.render),
+        "compile": (lambda: embedding.compiled(engine, n=sizes["texts"]), embedding.render_compiled),
         "pipeline": (lambda: pipeline.measure(engine, settings, n=sizes["pipeline_texts"]), pipeline.render),
         "int8": (lambda: quantized.measure(engine, settings, texts=sizes["int8_texts"], prompts=sizes["int8_prompts"]),
                  quantized.render),

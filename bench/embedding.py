@@ -112,6 +112,34 @@ def measure(engine: Engine, settings: Settings, *, n: int, peer: bool = True) ->
     return result
 
 
+def compiled(engine: Engine, *, n: int) -> dict[str, Any]:
+    """`--compile` against the eager forward pass on the same texts, in this run: compile time,
+    speed-up, agreement, and the share of the compute floor each reaches. The engine is left eager."""
+    texts = embed_texts(n)
+    tokens = sum(len(t.ids) for t in engine.tokenize(texts, truncate=True, what="text"))
+    eager = timed(lambda: engine.embed(texts, truncate=True).vectors)
+    compile_seconds = engine.compile_embedding()
+    try:
+        run = timed(lambda: engine.embed(texts, truncate=True).vectors)
+    finally:
+        engine._embed_forward = engine._eager_forward
+    floor = tokens * flops_per_token(engine) / floor_rate(engine)
+    return {"texts": n, "tokens": tokens, "compile_seconds": compile_seconds, "eager_seconds": eager.seconds,
+            "compiled_seconds": run.seconds, "speedup": eager.seconds / run.seconds,
+            "cosine_min_vs_eager": cosine_min(run.value, eager.value), "floor_seconds": floor,
+            "eager_fraction_reached": floor / eager.seconds, "fraction_reached": floor / run.seconds}
+
+
+def render_compiled(r: dict[str, Any]) -> str:
+    return (f"EMBEDDING WITH --compile: {r['texts']} texts, {r['tokens']} tokens\n"
+            + table(["measure", "value"], [
+                ["compiling at startup, s", r["compile_seconds"]],
+                ["eager, s (share of floor)", f"{r['eager_seconds']:.1f} ({r['eager_fraction_reached']:.0%})"],
+                ["compiled, s (share of floor)", f"{r['compiled_seconds']:.1f} ({r['fraction_reached']:.0%})"],
+                ["speed-up", f"{r['speedup']:.2f}x"],
+                ["cosine, compiled vs eager, min", f"{r['cosine_min_vs_eager']:.6f}"]]))
+
+
 def sweep(engine: Engine, *, n: int, budgets: list[int], overheads: list[int]) -> list[dict[str, Any]]:
     """Tokens/s of our batching for each token budget and per-batch overhead, on the same texts:
     the measurement the CPU defaults (engine.default_token_budget, engine.BATCH_OVERHEAD) come from.

@@ -4,6 +4,7 @@ restore input order). The batcher knows the engine through these few methods onl
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import random
 import time
@@ -17,10 +18,12 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from schemas.errors import ErrorCode, TaskError
 from worker.constrained import CompiledSchema, GrammarRows, SchemaGrammars
-from worker.decode import Decoder, fits
+from worker.decode import Decoder, fits, sliding_window
 from worker.decoding import RowSampler, StopOnStrings, cut_at_stop, stop_window
 from worker.model.loader import LoadedModel, load_from_settings
 from worker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 # The fixed cost of one forward pass, in padded tokens' worth of work: what `plan_batches` weighs
@@ -96,6 +99,7 @@ class Engine:
         # this model in fp32 on CPU (see default_decode_tokens).
         self.decode_tokens = default_decode_tokens(self.device)
         self.decoder = Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device) if model.lm is not None else None
+        self._embed_forward = self._eager_forward  # compile_embedding swaps in a compiled one
         self.batched_decode = True  # False: every batch through `generate` (the unoptimised path, for comparison)
         eos = model.lm.generation_config.eos_token_id if model.lm is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -180,10 +184,29 @@ class Engine:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return Embeddings(vectors=vectors, input_tokens=costs, truncated=[it.truncated for it in items])
 
+    def _eager_forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.body(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def compile_embedding(self) -> float:
+        """Run the embedding forward pass through `torch.compile` (shapes marked dynamic), compiled
+        now rather than on a task: fused element-wise work, same arithmetic (vectors agree to float
+        rounding). Worth it for long runs only: compiling takes minutes on a small CPU. Both shape
+        regimes (within and past the sliding window) are compiled here; a batch of one row or one
+        token is padded to two, which the compiled graph covers. Generation is not compiled. Returns the seconds spent compiling."""
+        started = time.monotonic()
+        self._embed_forward = torch.compile(self._eager_forward, dynamic=True)
+        window = sliding_window(getattr(self.model.body, "config", None))
+        for width in sorted({16, min(self.max_input_tokens, (window or 256) + 16)}):  # within, past the window
+            self._embed_batch([tuple([self.tokenizer.pad_token_id + 1] * width)] * 2)
+        return time.monotonic() - started
+
     def _embed_batch(self, rows: list[tuple[int, ...]]) -> np.ndarray:
         # Right padding: under causal attention real tokens never see the pads after them,
         # so a text's vector does not depend on what it was batched with.
-        width = max(len(r) for r in rows)
+        count, width = len(rows), max(len(r) for r in rows)
+        if self._embed_forward is not self._eager_forward and (count == 1 or width == 1):
+            # A compiled forward is general in rows and width from 2 up; 1 would compile anew.
+            rows, width = [rows[0], *rows] if count == 1 else rows, max(width, 2)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -191,10 +214,10 @@ class Engine:
             mask[i, : len(r)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.inference_mode():
-            hidden = self.model.body(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = self._embed_forward(ids, mask)
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
-        return pooled.float().cpu().numpy()
+        return pooled[len(rows) - count:].float().cpu().numpy()
 
     # ---- generate --------------------------------------------------------------------
     def check_generate_args(self, *, max_new_tokens: int, temperature: float, top_p: float,
@@ -376,6 +399,9 @@ def build_engine(settings: Settings) -> Engine:
     """Prepare, load and wrap the model the settings name; called once at startup."""
     model = load_from_settings(settings)
     budget = settings.token_budget or default_token_budget(model.placement.device)
-    return Engine(model, max_input_tokens=settings.max_input_tokens,
-                  token_budget=budget, max_batch_size=settings.max_batch_size,
-                  max_new_tokens=settings.max_new_tokens)
+    engine = Engine(model, max_input_tokens=settings.max_input_tokens,
+                    token_budget=budget, max_batch_size=settings.max_batch_size,
+                    max_new_tokens=settings.max_new_tokens)
+    if settings.compile:
+        log.info("embedding forward pass compiled in %.1fs", engine.compile_embedding())
+    return engine

@@ -37,10 +37,13 @@ class Settings:
     drain_s: float = 6.0
     quantize: str | None = None  # "int8": lossy, CPU only; see worker/model/loader.quantize_int8
     result_cache: bool = True  # answer identical greedy or seeded tasks from the results store's _cache/
+    compile: bool = False  # torch.compile the embedding forward pass; see engine.Engine.compile_embedding
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize must be int8 or unset, got {self.quantize!r}")
+        if self.compile and self.quantize is not None:
+            raise ValueError("compile and quantize cannot be combined: choose one")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("max_input_tokens", "token_budget", "max_batch_size", "max_new_tokens", "max_texts_per_task",
