@@ -122,7 +122,7 @@ def compiled(engine: Engine, *, n: int) -> dict[str, Any]:
     try:
         run = timed(lambda: engine.embed(texts, truncate=True).vectors)
     finally:
-        engine._embed_forward = engine._eager_forward
+        engine._compiled_forward = None
     floor = tokens * flops_per_token(engine) / floor_rate(engine)
     return {"texts": n, "tokens": tokens, "compile_seconds": compile_seconds, "eager_seconds": eager.seconds,
             "compiled_seconds": run.seconds, "speedup": eager.seconds / run.seconds,

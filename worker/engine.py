@@ -99,7 +99,7 @@ class Engine:
         # this model in fp32 on CPU (see default_decode_tokens).
         self.decode_tokens = default_decode_tokens(self.device)
         self.decoder = Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device) if model.lm is not None else None
-        self._embed_forward = self._eager_forward  # compile_embedding swaps in a compiled one
+        self._compiled_forward: Any = None  # set by compile_embedding
         self.batched_decode = True  # False: every batch through `generate` (the unoptimised path, for comparison)
         eos = model.lm.generation_config.eos_token_id if model.lm is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -197,9 +197,10 @@ class Engine:
         now rather than on a task: fused element-wise work, same arithmetic (vectors agree to float
         rounding). Worth it for long runs only: compiling takes minutes on a small CPU. Both shape
         regimes (within and past the sliding window) are compiled here; a batch of one row or one
-        token is padded to two, which the compiled graph covers. Generation is not compiled. Returns the seconds spent compiling."""
+        token is padded to two, which the compiled graph covers. Generation is not compiled.
+        Returns the seconds spent compiling."""
         started = time.monotonic()
-        self._embed_forward = torch.compile(self._eager_forward, dynamic=True)
+        self._compiled_forward = torch.compile(self._eager_forward, dynamic=True)
         window = sliding_window(getattr(self.model.body, "config", None))
         for width in sorted({16, min(self.max_input_tokens, (window or 256) + 16)}):  # within, past the window
             self._embed_batch([tuple([self.tokenizer.pad_token_id + 1] * width)] * 2)
@@ -209,7 +210,7 @@ class Engine:
         # Right padding: under causal attention real tokens never see the pads after them,
         # so a text's vector does not depend on what it was batched with.
         count, width = len(rows), max(len(r) for r in rows)
-        if self._embed_forward is not self._eager_forward and (count == 1 or width == 1):
+        if self._compiled_forward is not None and (count == 1 or width == 1):
             # A compiled forward is general in rows and width from 2 up; 1 would compile anew.
             rows, width = [rows[0], *rows] if count == 1 else rows, max(width, 2)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -219,7 +220,7 @@ class Engine:
             mask[i, : len(r)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.inference_mode():
-            hidden = self._embed_forward(ids, mask)
+            hidden = (self._compiled_forward or self._eager_forward)(ids, mask)
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
         return pooled[len(rows) - count:].float().cpu().numpy()
@@ -387,9 +388,10 @@ class Engine:
 
 
 def default_token_budget(device: torch.device) -> int:
-    """Padded tokens per forward batch. On CPU, batches of about 1,000 tokens keep the layers'
-    activations in cache (2,048 was 15% slower per token, `python -m bench --sections embedding
-    --sweep`); a GPU needs large batches to fill its cores."""
+    """Padded tokens per forward batch. On CPU, about 1,000 tokens keep a layer's activations in
+    cache (1,024-token batches ran about 15% faster per token than 2,048 in a development timing;
+    `python -m bench --sections embedding --sweep` could not separate 512 to 2,048 from the noise,
+    docs/PERFORMANCE.md); a GPU needs large batches to fill its cores."""
     return 32768 if device.type == "cuda" else 1024
 
 

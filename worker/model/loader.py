@@ -72,7 +72,7 @@ def _fused_gemma_rms_norm(self: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
 def fuse_norms(root: torch.nn.Module) -> int:
     """Run every Gemma RMSNorm through PyTorch's fused `rms_norm` instead of its five separate
     element-wise passes (same arithmetic, same fp32 accumulation; about 2% of an embedding pass on
-    CPU, bench/). Returns how many norms it changed; other models are left as they are."""
+    CPU in a development timing, docs/PERFORMANCE.md). Returns how many norms it changed; other models are left as they are."""
     count = 0
     for module in root.modules():
         if type(module).__name__ in ("Gemma3RMSNorm", "Gemma2RMSNorm", "GemmaRMSNorm") and hasattr(module, "eps"):

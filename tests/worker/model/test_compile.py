@@ -39,7 +39,7 @@ def test_compiled_embedding_matches_eager_and_compiles_only_at_startup(small_eng
     seconds = small_engine.compile_embedding()
     compiled_graphs = counters["stats"]["unique_graphs"]
     assert seconds > 0 and compiled_graphs > 0
-    assert small_engine._embed_forward is not small_engine._eager_forward
+    assert small_engine._compiled_forward is not None
     # Then batches of every shape (one row, many rows, short, past the sliding window) use what was
     # compiled at startup: no compiling while serving
     out = small_engine.embed(texts, truncate=True).vectors
