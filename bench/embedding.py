@@ -55,7 +55,7 @@ def floor_rate(engine: Engine) -> float:
 def run_naive(engine: Engine, texts: list[str], batch: int = 32) -> np.ndarray:
     """Batches of `batch` in input order, each padded to its longest text: what a first attempt does."""
     items = engine.tokenize(texts, truncate=True, what="text")
-    vectors = np.concatenate([engine._embed_batch([it.ids for it in items[k: k + batch]])
+    vectors = np.concatenate([engine.embed_pass([it.ids for it in items[k: k + batch]])
                               for k in range(0, len(items), batch)])
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
@@ -153,7 +153,7 @@ def sweep(engine: Engine, *, n: int, budgets: list[int], overheads: list[int]) -
         for overhead in overheads:
             plan = plan_batches([len(it.ids) for it in items], token_budget=budget,
                                 max_batch_size=engine.max_batch_size, batch_overhead=overhead)
-            run = timed(lambda: [engine._embed_batch([items[i].ids for i in b]) for b in plan])
+            run = timed(lambda: [engine.embed_pass([items[i].ids for i in b]) for b in plan])
             padded = sum(max(len(items[i].ids) for i in b) * len(b) for b in plan)
             rows.append({"token_budget": budget, "batch_overhead": overhead, "batches": len(plan),
                          "padding": 1 - tokens / padded, "tokens_per_s": tokens / run.seconds})

@@ -175,14 +175,21 @@ class Engine:
     def embed_tokenized(self, items: Sequence[Tokenized], *, dims: int | None = None,
                         normalize: bool = True) -> Embeddings:
         dims = self.check_dims(dims)
-        vectors = np.empty((len(items), self.width), dtype=np.float32)
-        costs = [len(it.ids) for it in items]
-        for batch in plan_batches(costs, token_budget=self.token_budget, max_batch_size=self.max_batch_size):
-            vectors[batch] = self._embed_batch([items[i].ids for i in batch])
-        vectors = vectors[:, :dims]  # Matryoshka truncation, re-normalised below
+        raw = np.empty((len(items), self.width), dtype=np.float32)
+        for batch in plan_batches([len(it.ids) for it in items], token_budget=self.token_budget,
+                                  max_batch_size=self.max_batch_size):
+            raw[batch] = self.embed_pass([items[i].ids for i in batch])
+        return self.finish_embeddings(raw, items, dims=dims, normalize=normalize)
+
+    def finish_embeddings(self, raw: np.ndarray, items: Sequence[Tokenized], *, dims: int,
+                          normalize: bool) -> Embeddings:
+        """`embed_pass` vectors (rows in the order of `items`) cut to `dims` (Matryoshka truncation)
+        and, when `normalize`, scaled to unit length."""
+        vectors = raw[:, :dims]
         if normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return Embeddings(vectors=vectors, input_tokens=costs, truncated=[it.truncated for it in items])
+        return Embeddings(vectors=vectors, input_tokens=[len(it.ids) for it in items],
+                          truncated=[it.truncated for it in items])
 
     def _eager_forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.model.lm is not None:
@@ -203,10 +210,12 @@ class Engine:
         self._compiled_forward = torch.compile(self._eager_forward, dynamic=True)
         window = sliding_window(getattr(self.model.body, "config", None))
         for width in sorted({16, min(self.max_input_tokens, (window or 256) + 16)}):  # within, past the window
-            self._embed_batch([tuple([self.tokenizer.pad_token_id + 1] * width)] * 2)
+            self.embed_pass([tuple([self.tokenizer.pad_token_id + 1] * width)] * 2)
         return time.monotonic() - started
 
-    def _embed_batch(self, rows: list[tuple[int, ...]]) -> np.ndarray:
+    def embed_pass(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """One forward pass over token-id rows planned together (`plan_batches`): their mean-pooled
+        hidden states, full width, not normalised, in the order given."""
         # Right padding: under causal attention real tokens never see the pads after them,
         # so a text's vector does not depend on what it was batched with.
         count, width = len(rows), max(len(r) for r in rows)
