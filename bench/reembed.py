@@ -48,6 +48,29 @@ def flops_per_token(engine: Engine) -> float:
     return 2.0 * (sum(p.numel() for p in body.parameters()) - embedding)
 
 
+def attention_flops(engine: Engine, lengths: list[int]) -> float:
+    """The attention scores and weighted sums over the given texts (causal, each sliding layer
+    seeing at most its window): 2 x 2 x query width FLOPs per (token, visible position) per layer,
+    the context term of the usual count (Kaplan et al. 2020, C = 2N + 2 n_layer n_ctx d_attn)
+    that `flops_per_token` leaves out."""
+    config = getattr(engine.model.body, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(config.num_hidden_layers)
+    width = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads) \
+        * int(config.num_attention_heads)
+    kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * layers)
+    window = getattr(config, "sliding_window", None)
+    total = 0.0
+    for n in lengths:
+        full = n * (n + 1) / 2  # sum over positions p = 1..n of p visible positions
+        if window and n > window:
+            sliding = window * (window + 1) / 2 + (n - window) * window
+        else:
+            sliding = full
+        total += sum(sliding if kind == "sliding_attention" else full for kind in kinds)
+    return 4.0 * width * total
+
+
 def _timed(fn: Any) -> float:
     started = time.monotonic()
     fn()

@@ -33,3 +33,19 @@ def test_targets_report_each_goal_with_its_direction() -> None:
 def test_table_aligns_columns() -> None:
     lines = table(["a", "bb"], [["x", 1.23456], ["yyyy", 12345.6]]).splitlines()
     assert len({len(line) for line in lines}) == 1 and lines[2].endswith("1.23") and lines[3].endswith("12,345.6")
+
+
+def test_attention_flops_count_each_visible_position_within_the_sliding_window(engine) -> None:
+    from bench.reembed import attention_flops
+
+    # Given the embedded Gemma 3 270M: 18 layers, 4 query heads of 256, sliding layers see 512 positions
+    config = engine.model.body.config
+    kinds = list(config.layer_types)
+    width = config.head_dim * config.num_attention_heads
+    assert (len(kinds), width, config.sliding_window) == (18, 1024, 512)
+    # When texts within and past the window are counted / Then each (token, visible position) pair
+    # costs 4 x width FLOPs per layer, a sliding layer seeing at most its window
+    for n in (1, 37, 700):
+        pairs = sum(min(p, 512) if kind == "sliding_attention" else p for kind in kinds for p in range(1, n + 1))
+        assert attention_flops(engine, [n]) == 4.0 * width * pairs
+    assert attention_flops(engine, [37, 700]) == attention_flops(engine, [37]) + attention_flops(engine, [700])
