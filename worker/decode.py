@@ -174,8 +174,8 @@ class Decoder:
         window = sliding_window(self.config)
         layers: list[_SlotLayer] = []
         for index, first in enumerate(groups[0].cache.layers):
-            heads, dim = first.keys.shape[1], first.keys.shape[3]
-            keys = torch.zeros((batch, heads, total, dim), dtype=first.keys.dtype, device=self.device)
+            heads, dim, first_dtype = first.keys.shape[1], first.keys.shape[3], first.keys.dtype
+            keys = torch.zeros((batch, heads, total, dim), dtype=first_dtype, device=self.device)
             values = torch.zeros_like(keys)
             start = 0
             for g in groups:
@@ -183,6 +183,8 @@ class Decoder:
                 n = len(g.rows)
                 keys[start: start + n, :, width - g.width: width] = layer.keys
                 values[start: start + n, :, width - g.width: width] = layer.values
+                # Freed as copied, so the prefill caches and the merged one are not all held at once.
+                layer.keys = layer.values = torch.empty(0, dtype=first_dtype, device=self.device)
                 start += n
             if getattr(first, "is_sliding", False):
                 layers.append(_SlidingSlotLayer(keys, values, width, sliding_window=window or total + 1))

@@ -146,3 +146,24 @@ def test_the_blocked_greedy_head_picks_what_argmax_over_full_logits_picks(engine
             assert decoder.best(probe) == decoder.logits(probe).argmax(dim=-1).tolist() == [a]
         finally:
             weight[b] = saved
+
+
+def test_merging_moves_each_prefill_cache_into_the_merged_one_and_frees_it(engine: Engine, docstrings: list[str]) -> None:
+    # Given two prefill groups of real prompts
+    decoder: Decoder = engine.decoder
+    rows = _prompts(engine, docstrings, 6, longest=120)
+    with torch.inference_mode():
+        groups = [decoder.prefill(rows, [0, 1, 2]), decoder.prefill(rows, [3, 4, 5])]
+        expected = [(g.width, layer.keys.clone(), layer.values.clone()) for g in groups for layer in g.cache.layers[:2]]
+        width = max(g.width for g in groups)
+        # When they are merged into one cache with room for 8 new tokens
+        merged = decoder.merge(groups, width=width, total=width + 8)
+    # Then each group's keys and values sit right-aligned at the widest width, in group order
+    for index in range(2):
+        first_w, first_k, first_v = expected[index]
+        second_w, second_k, second_v = expected[2 + index]
+        layer = merged.layers[index]
+        assert torch.equal(layer.keys[:3, :, width - first_w: width], first_k)
+        assert torch.equal(layer.values[3:, :, width - second_w: width], second_v)
+    # And the groups' own caches were released as they were copied (not held beside the merged one)
+    assert all(layer.keys.numel() == 0 and layer.values.numel() == 0 for g in groups for layer in g.cache.layers)
