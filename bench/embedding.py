@@ -104,13 +104,12 @@ def measure(engine: Engine, settings: Settings, *, n: int, peer: bool = True) ->
     fpt = flops_per_token(engine)
     rate = (rate_before + rate_after) / 2
     attention = attention_flops(engine, lengths)
+    floor, with_attention = tokens * fpt / rate, (tokens * fpt + attention) / rate
     result["compute_floor"] = {"flops_per_token": fpt, "matmul_flops_per_s": rate,
                                "matmul_runs_flops_per_s": [rate_before, rate_after],
-                               "floor_seconds": tokens * fpt / rate,
-                               "fraction_reached": tokens * fpt / rate / ours.seconds,
-                               "attention_flops": attention,
-                               "floor_seconds_with_attention": (tokens * fpt + attention) / rate,
-                               "fraction_reached_with_attention": (tokens * fpt + attention) / rate / ours.seconds}
+                               "floor_seconds": floor, "fraction_reached": floor / ours.seconds,
+                               "attention_flops": attention, "floor_seconds_with_attention": with_attention,
+                               "fraction_reached_with_attention": with_attention / ours.seconds}
     result["ratio_vs_naive"] = naive.seconds / ours.seconds
     if "sentence_transformers" in result:
         result["ratio_vs_sentence_transformers"] = result["sentence_transformers"]["seconds"] / ours.seconds

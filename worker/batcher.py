@@ -1,8 +1,9 @@
 """Collect requests from every door and run them on one engine thread.
 
-Embedding inputs wait in a pool across requests: each forward pass is planned over the pool's
-oldest inputs (up to `pool_tokens`), sorted by length and split by token budget (`plan_batches`),
-and the pass that runs is the planned batch holding an input of the oldest request. So inputs of
+Embedding inputs wait in a pool across requests: forward passes are planned over the pool's
+oldest inputs (up to `pool_tokens`), sorted by length and split by token budget (`plan_batches`,
+remade every REPLAN_EVERY passes), and the pass that runs is the planned batch holding an input
+of the oldest request. So inputs of
 similar length from different requests share a pass, nothing waits behind younger work, and a
 request is answered as soon as its last input is done.
 
@@ -95,7 +96,7 @@ class TokenBudgetBatcher:
         self.max_items = max_items
         # Generation calls: up to eight forward budgets of prompt tokens per call.
         self.max_call_tokens = max_call_tokens or 8 * engine.token_budget
-        # Embedding: each pass is planned over the pool's oldest inputs, up to 32 token budgets
+        # Embedding: passes are planned over the pool's oldest inputs, up to 32 token budgets
         # and 16 full batches of them. Planning over more inputs pads less (a replay of the 2,000
         # bench texts in 16-text tasks: 91% real tokens when each 8-budget call was planned
         # alone, 97% over a 32-budget window, 99% over all at once); a plan over ~1,000 inputs
