@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
 	$(PY) -m pip install --quiet -e '.[test]'
+	# torchao (the [gpu] extra, --quantize on CUDA) goes beside the venv, not into it: transformers
+	# imports it on every model load when installed (1.3 s here), which a CPU user does not need.
+	# Only the tests that check the CUDA path's wiring on CPU put it on their path.
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/extras \
+		"$$($(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu'])")"
 	touch $(STAMP)
 
 demo: setup

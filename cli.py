@@ -38,10 +38,11 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      envvar="GEMMA_BATCH_MAX_BATCH_SIZE", help="Most inputs per forward batch."),
         click.option("--max-new-tokens-limit", "max_new_tokens_limit", type=click.IntRange(min=1), default=1024,
                      show_default=True, envvar="GEMMA_BATCH_MAX_NEW_TOKENS", help="Largest max_tokens a task may ask for."),
-        click.option("--quantize", type=click.Choice(["int8"]), default=None, envvar="GEMMA_BATCH_QUANTIZE",
-                     help="Lossy, CPU only: int8 linear layers, about 3.8x faster embedding (cosine ~0.93 to exact); "
-                          "greedy text changes from the first token, so not for generation (docs/PERFORMANCE.md). "
-                          "Default: off, exact fp32."),
+        click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, envvar="GEMMA_BATCH_QUANTIZE",
+                     help="Lossy. On CPU, int8 only: int8 linear layers, about 3.8x faster embedding (cosine ~0.93 "
+                          "to exact); greedy text changes from the first token, so not for generation. On CUDA, "
+                          "int8 or int4 weight-only layers through torchao, for models that would not fit the card "
+                          "otherwise (docs/PERFORMANCE.md). Default: off, exact (fp32 on CPU, bf16 on CUDA)."),
         click.option("--compile/--no-compile", "compile_", default=False, envvar="GEMMA_BATCH_COMPILE",
                      help="torch.compile the embedding forward pass: exact, 0.99-1.07x eager speed on 2 CPU cores, "
                           "compiled at startup (30-100 s there; docs/PERFORMANCE.md). Default: off."),

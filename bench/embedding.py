@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import embed_texts, table, timed
-from bench.reembed import attention_flops, flops_per_token
+from bench.common import attention_flops, embed_texts, flops_per_token, table, timed
 from worker.engine import Engine, plan_batches
 from worker.model.source import prepare_model
 from worker.settings import Settings

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import flops_per_token
 from jobs.nodes import read_nodes
 from jobs.reembed import JobConfig, TaskEnv, run_task
 from worker.corpus import stdlib_docstrings
@@ -38,37 +39,6 @@ def node_texts(n: int, *, max_chars: int) -> list[str]:
     """n real texts: standard-library docstrings, cycled with a marker when n exceeds the unique ones."""
     unique = stdlib_docstrings(max_chars=max_chars)
     return [unique[i % len(unique)] + ("" if i < len(unique) else f" [{i // len(unique)}]") for i in range(n)]
-
-
-def flops_per_token(engine: Engine) -> float:
-    """2 x non-embedding parameters: the matmul work per token of a forward pass (attention's
-    sequence-length term is small at these lengths and left out)."""
-    body = engine.model.body
-    embedding = body.get_input_embeddings().weight.numel()
-    return 2.0 * (sum(p.numel() for p in body.parameters()) - embedding)
-
-
-def attention_flops(engine: Engine, lengths: list[int]) -> float:
-    """The attention scores and weighted sums over the given texts (causal, each sliding layer
-    seeing at most its window): 2 x 2 x query width FLOPs per (token, visible position) per layer,
-    the context term of the usual count (Kaplan et al. 2020, C = 2N + 2 n_layer n_ctx d_attn)
-    that `flops_per_token` leaves out."""
-    config = getattr(engine.model.body, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = int(config.num_hidden_layers)
-    width = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads) \
-        * int(config.num_attention_heads)
-    kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * layers)
-    window = getattr(config, "sliding_window", None)
-    total = 0.0
-    for n in lengths:
-        full = n * (n + 1) / 2  # sum over positions p = 1..n of p visible positions
-        if window and n > window:
-            sliding = window * (window + 1) / 2 + (n - window) * window
-        else:
-            sliding = full
-        total += sum(sliding if kind == "sliding_attention" else full for kind in kinds)
-    return 4.0 * width * total
 
 
 def _timed(fn: Any) -> float:

@@ -34,6 +34,21 @@ def loaded_model(engine: Engine) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def torchao() -> object:
+    """torchao (the [gpu] extra), from beside the virtualenv where `make setup` puts it: installed
+    into it, transformers would import it on every model load. Appended to this process's path
+    only, so the processes tests start load models as a CPU user's would."""
+    extras = Path(sys.prefix) / "extras"
+    if str(extras) not in sys.path:
+        sys.path.append(str(extras))
+    try:
+        import torchao
+    except ImportError:
+        pytest.fail(f"torchao is not in {extras}: run `make setup`")
+    return torchao
+
+
+@pytest.fixture(scope="session")
 def docstrings() -> list[str]:
     return stdlib_docstrings(max_chars=3000)
 

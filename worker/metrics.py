@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -13,8 +13,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from schemas.result import GenerateOutput, Result
-from worker.batcher import BatchStats
-from worker.runner import Outcome
+
+if TYPE_CHECKING:  # type names only: the module itself needs neither (nor the storage client they import)
+    from worker.batcher import BatchStats
+    from worker.runner import Outcome
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -35,13 +35,13 @@ class Settings:
     max_lease_s: int = 900
     lease_extension_s: int = 10
     drain_s: float = 6.0
-    quantize: str | None = None  # "int8": lossy, CPU only; see worker/model/loader.quantize_int8
+    quantize: str | None = None  # "int8" or "int4" (CUDA only): lossy; see worker/model/loader.quantize
     result_cache: bool = True  # answer identical greedy or seeded tasks from the results store's _cache/
     compile: bool = False  # torch.compile the embedding forward pass; see engine.Engine.compile_embedding
 
     def __post_init__(self) -> None:
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be int8 or unset, got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize must be int8, int4 or unset, got {self.quantize!r}")
         if self.compile and self.quantize is not None:
             raise ValueError("compile and quantize cannot be combined: choose one")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -36,7 +36,7 @@ def test_table_aligns_columns() -> None:
 
 
 def test_attention_flops_count_each_visible_position_within_the_sliding_window(engine) -> None:
-    from bench.reembed import attention_flops
+    from bench.common import attention_flops
 
     # Given the embedded Gemma 3 270M: 18 layers, 4 query heads of 256, sliding layers see 512 positions
     config = engine.model.body.config

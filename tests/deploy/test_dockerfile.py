@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import subprocess
+import sys
 import tomllib
 
 from tests.conftest import REPO
@@ -138,3 +139,16 @@ def test_cloud_build_builds_this_dockerfile_with_what_its_instructions_need() ->
         assert not re.match(r"--(mount|chmod|link|network|security)\b", instruction.arguments), instruction
         assert "<<" not in instruction.arguments, instruction
     assert not text.startswith("# syntax=")
+
+
+def test_image_installs_every_dependency_and_the_gpu_extra() -> None:
+    # Given the Dockerfile's command that writes the image's requirements from pyproject.toml
+    run = next(i.arguments for i in dockerfile_instructions() if i.keyword == "RUN" and "tomllib" in i.arguments)
+    code = re.search(r'python -c "([^"]+)"', run).group(1)
+    # When it runs here
+    listed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    # Then it names every base dependency and the [gpu] extra (torchao, for --quantize on CUDA)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert listed == project["dependencies"] + project["optional-dependencies"]["gpu"]
+    assert any(line.startswith("torchao") for line in listed)

@@ -81,20 +81,30 @@ def fuse_norms(root: torch.nn.Module) -> int:
     return count
 
 
+def quantize(loaded: LoadedModel, mode: str) -> LoadedModel:
+    """A lossy mode asked for by name (`int8` or `int4`). On CUDA, weight-only quantization of the
+    body's linear layers through torchao (int8 per row; int4 in groups of 128 on the tinygemm
+    kernel), so a larger Gemma fits the card with room for batches. On CPU, `int8` is PyTorch's
+    dynamic quantization (`quantize_int8`); `int4` has no fast CPU kernel here and is refused.
+    The output layer, tied to the input embedding, stays in the model's dtype either way."""
+    if loaded.placement.device.type == "cuda":
+        return quantize_weight_only(loaded, mode)
+    if mode == "int4":
+        raise ModelSourceError("quantize=int4 needs a CUDA GPU (torchao's int4 kernel); on CPU use int8 or leave it off")
+    return quantize_int8(loaded)
+
+
 def quantize_int8(loaded: LoadedModel) -> LoadedModel:
-    """A lossy mode asked for by name: the body's linear layers as int8 with per-channel weight
-    scales and activations quantized per call (PyTorch's dynamic quantization, CPU kernels). The
-    output layer, tied to the input embedding, stays fp32. About 3x faster on the CPUs measured and
-    clearly less exact: docs/PERFORMANCE.md gives the cost (embedding cosine, greedy agreement)."""
+    """CPU int8: the body's linear layers with per-channel weight scales and activations quantized
+    per call (PyTorch's dynamic quantization, CPU kernels). About 3x faster on the CPUs measured
+    and clearly less exact: docs/PERFORMANCE.md gives the cost (embedding cosine, greedy agreement)."""
     if loaded.placement.device.type != "cpu":
-        raise ModelSourceError(f"quantize=int8 runs on CPU only (this model is on {loaded.placement.device}); "
-                               "on a GPU use bf16, the default")
+        raise ModelSourceError(f"dynamic int8 runs on CPU only (this model is on {loaded.placement.device})")
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    root = loaded.lm if loaded.lm is not None else loaded.body
-    head = root.get_output_embeddings() if loaded.lm is not None else None
+    root, head = _root_and_head(loaded)
     spec = {name: per_channel_dynamic_qconfig for name, module in root.named_modules()
             if isinstance(module, torch.nn.Linear) and module is not head}
     with warnings.catch_warnings():
@@ -103,12 +113,42 @@ def quantize_int8(loaded: LoadedModel) -> LoadedModel:
     return replace(loaded, name=f"{loaded.name}+int8")
 
 
+def quantize_weight_only(loaded: LoadedModel, mode: str) -> LoadedModel:
+    """torchao weight-only quantization of the body's linear layers, activations kept in the
+    model's dtype: `int8` per output row (any device), `int4` in groups of 128 packed for the
+    tinygemm CUDA kernel (bf16 only). Layers whose shape the mode cannot take are left as they are."""
+    if mode not in ("int8", "int4"):
+        raise ModelSourceError(f"quantize must be int8 or int4, got {mode!r}")
+    if mode == "int4" and loaded.placement.dtype != torch.bfloat16:
+        raise ModelSourceError(f"quantize=int4 needs bf16 weights (tinygemm); this model is {loaded.placement.dtype}")
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise ModelSourceError(f"quantize={mode} on {loaded.placement.device} needs torchao: "
+                               "pip install 'gemma-batch[gpu]' (the GPU image has it)") from exc
+    config: Any = (Int8WeightOnlyConfig(version=2, set_inductor_config=False) if mode == "int8" else
+                   Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d",
+                                        set_inductor_config=False))
+    root, head = _root_and_head(loaded)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(root, config, filter_fn=lambda module, _name: isinstance(module, torch.nn.Linear) and module is not head)
+    return replace(loaded, name=f"{loaded.name}+{mode}")
+
+
+def _root_and_head(loaded: LoadedModel) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    root = loaded.lm if loaded.lm is not None else loaded.body
+    return root, (root.get_output_embeddings() if loaded.lm is not None else None)
+
+
 def load_from_settings(settings: Settings) -> LoadedModel:
     """Prepare (convert or download once) and load the model the settings name."""
     prepared = prepare_model(settings.model, settings.cache_dir)
     placement = choose_placement(settings.device)
     loaded = load_model(prepared, placement)
-    if settings.quantize == "int8":
-        loaded = quantize_int8(loaded)
+    if settings.quantize is not None:
+        loaded = quantize(loaded, settings.quantize)
     log.info("model %s loaded on %s (%s) in %.1fs", loaded.name, placement.device, placement.dtype, loaded.load_seconds)
     return loaded
