@@ -6,7 +6,8 @@
     python -m bench --sections compile       # embedding with --compile against eager
 
 Sections, each measured in this one process against peers on the same inputs (see each module):
-generation (bench/generation.py), embedding and embedding with --compile against eager
+generation and continuous batching against fixed waves (bench/generation.py), embedding and
+embedding with --compile against eager
 (bench/embedding.py), pipeline efficiency, cold start and memory (bench/pipeline.py), and the
 lossy int8 mode against fp32 (bench/quantized.py). Prints
 one table per section and a verdict per target; writes all figures as JSON to
@@ -28,7 +29,7 @@ from worker.engine import build_engine
 from worker.settings import EMBEDDED_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("generation", "embedding", "compile", "pipeline", "int8")
+SECTIONS = ("generation", "refill", "embedding", "compile", "pipeline", "int8")
 FULL = {"prompts": 64, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000, "int8_texts": 500, "int8_prompts": 16}
 QUICK = {"prompts": 16, "naive_every": 4, "texts": 300, "pipeline_texts": 300, "int8_texts": 100, "int8_prompts": 4}
 
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "generation": (lambda: generation.measure(engine, n=sizes["prompts"], max_new_tokens=64,
                                                   gguf=gguf_path(settings), naive_every=sizes["naive_every"]),
                        generation.render),
+        "refill": (lambda: generation.refill(engine, n=sizes["prompts"], max_new_tokens=64, stop=["."]),
+                   generation.render_refill),
         "embedding": (lambda: embedding.measure(engine, settings, n=sizes["texts"]), embedding.render),
         "compile": (lambda: embedding.compiled(engine, n=sizes["texts"]), embedding.render_compiled),
         "pipeline": (lambda: pipeline.measure(engine, settings, n=sizes["pipeline_texts"]), pipeline.render),

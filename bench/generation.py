@@ -11,7 +11,8 @@ import torch
 
 from bench.common import chat_prompt, mixed_length, table, timed
 from worker.corpus import stdlib_docstrings
-from worker.engine import Engine, Tokenized
+from worker.decoding import stop_window
+from worker.engine import Engine, Tokenized, plan_batches
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +115,67 @@ def render(r: dict[str, Any]) -> str:
             f"new tokens, greedy, {r['threads']} threads\n"
             + table(["contender", "output tokens", "seconds", "tokens/s", "ours is"], rows)
             + f"\n  greedy tokens identical to HF one-at-a-time: {a['identical']} of {a['of']}")
+
+
+def waves(lengths: list[int], *, slots: int, max_rows: int, max_new_tokens: int) -> list[list[int]]:
+    """Indices (longest first) cut into fixed batches the key/value slots hold, rows x (longest +
+    new tokens): how rows were decoded before continuous batching, each batch to its slowest row."""
+    out: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        if out and len(out[-1]) < max_rows and (len(out[-1]) + 1) * (lengths[out[-1][0]] + max_new_tokens) <= slots:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def refill(engine: Engine, *, n: int, max_new_tokens: int, stop: list[str], repeats: int = 2) -> dict[str, Any]:
+    """Continuous batching against fixed waves, on the bench prompts, greedy, rows ending at
+    end-of-sequence or the first stop string: the same decoder, the same slots, timed alternately
+    `repeats` times each (the best counts); outputs must be identical."""
+    rows = [it.ids for it in prompts(engine, n)]
+    window = stop_window(stop) if stop else 0
+
+    def finished(row: int, ids: list[int]) -> bool:
+        return ids[-1] in engine.eos_ids or (bool(stop) and any(
+            s in engine.tokenizer.decode(ids[-window:], skip_special_tokens=True) for s in stop))
+
+    def groups(index: list[int]) -> list[list[int]]:
+        return [[index[k] for k in g] for g in plan_batches([len(rows[i]) for i in index],
+                                                              token_budget=engine.token_budget,
+                                                              max_batch_size=engine.max_batch_size)]
+
+    def fixed() -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for wave in waves([len(r) for r in rows], slots=engine.decode_tokens, max_rows=engine.max_batch_size,
+                          max_new_tokens=max_new_tokens):
+            out.update(engine.decoder.run(rows, groups(wave), max_new_tokens=max_new_tokens, choose=None,
+                                          finished=finished))
+        return out
+
+    def continuous() -> dict[int, list[int]]:
+        return engine.decoder.run(rows, groups(list(range(len(rows)))), max_new_tokens=max_new_tokens, choose=None,
+                                  finished=finished, slots=engine.decode_tokens, max_rows=engine.max_batch_size)
+
+    times: dict[str, list[float]] = {"waves": [], "continuous": []}
+    outs: dict[str, dict[int, list[int]]] = {}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, fn in (("waves", fixed), ("continuous", continuous)):
+                run = timed(fn)
+                times[name].append(run.seconds)
+                outs[name] = run.value
+    tokens = sum(len(v) for v in outs["continuous"].values())
+    return {"prompts": len(rows), "max_new_tokens": max_new_tokens, "stop": stop, "output_tokens": tokens,
+            "identical": sum(outs["waves"][i] == outs["continuous"][i] for i in range(len(rows))),
+            "waves_seconds": times["waves"], "continuous_seconds": times["continuous"],
+            "speedup": min(times["waves"]) / min(times["continuous"])}
+
+
+def render_refill(r: dict[str, Any]) -> str:
+    return (f"CONTINUOUS BATCHING: {r['prompts']} prompts, up to {r['max_new_tokens']} new tokens, greedy, "
+            f"ending at end-of-sequence or {r['stop']}: {r['output_tokens']} output tokens\n"
+            + table(["decode", "best s", "runs"], [
+                ["fixed waves", min(r["waves_seconds"]), " ".join(f"{t:.1f}" for t in r["waves_seconds"])],
+                ["continuous", min(r["continuous_seconds"]), " ".join(f"{t:.1f}" for t in r["continuous_seconds"])]])
+            + f"\n  continuous is {r['speedup']:.2f}x fixed waves; identical outputs {r['identical']} of {r['prompts']}")

@@ -1,6 +1,7 @@
 """Batched decoding that keeps the expensive step full: prompts are prefilled in tight, length-sorted
 groups (little padding), their key/value caches are merged into one preallocated cache, and a single
-decode loop then advances every row at once, dropping finished rows as it goes.
+decode loop then advances every row at once, dropping finished rows as it goes and prefilling
+waiting prompts into their places (continuous batching).
 
 Why: on this model one decode step costs nearly the same for 8 rows as for 64 (the 262k-word output
 layer and the weights are read once per step either way), while a prefill costs per padded token.
@@ -88,6 +89,7 @@ class Prefilled:
     cache: DynamicCache
     hidden: torch.Tensor  # (rows, hidden size), the final hidden state at each prompt's last token
     width: int
+    mask: torch.Tensor  # (rows, width): 1 on each row's prompt, right-aligned
 
 
 def sliding_window(config: object) -> int | None:
@@ -165,7 +167,7 @@ class Decoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers a left-padded row
         cache = DynamicCache(config=self.config)
         hidden = self._forward(ids, mask, positions, cache, 0)
-        return Prefilled(rows=group, cache=cache, hidden=hidden, width=width)
+        return Prefilled(rows=group, cache=cache, hidden=hidden, width=width, mask=mask)
 
     def merge(self, groups: list[Prefilled], *, width: int, total: int) -> Cache:
         """One cache for all groups' rows (in the order of `groups`), right-aligned at `width` (the
@@ -194,48 +196,182 @@ class Decoder:
 
     def run(self, rows: Sequence[Sequence[int]], groups: list[list[int]], *, max_new_tokens: int,
             choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
-            finished: Callable[[int, list[int]], bool]) -> dict[int, list[int]]:
+            finished: Callable[[int, list[int]], bool], slots: int | None = None,
+            max_rows: int | None = None) -> dict[int, list[int]]:
         """Generated ids of each row the `groups` name (indices into `rows`), up to `max_new_tokens` each.
+
+        Groups are prefill groups, longest prompts first, taken in order: the first ones are merged
+        and decoded together, as many rows as `slots` key/value positions hold at the first group's
+        width plus the new tokens (at most `max_rows`; all rows when `slots` is None). As rows
+        finish, the next groups are prefilled and join the running batch in their place
+        (continuous batching), so the decode step stays full while work is waiting. A batch that
+        empties before the next group joins ends, and the next starts at its own width.
 
         `choose(logits, live_rows)` picks the next token of each live row from its logits (None:
         greedy, through `best`, without materialising the logits);
         `finished(row, ids)` says whether a row has ended (its last id was end-of-sequence, a stop
         string appeared). Finished rows keep their ids and leave the batch."""
-        prefilled = [self.prefill(rows, g) for g in groups]
+        pending = list(groups)
+        out: list[list[int]] = [[] for _ in rows]
+        while pending:
+            width = max(len(rows[i]) for i in pending[0])
+
+            def rows_held(slack: int) -> int:
+                if slots is None:
+                    return sum(map(len, pending))
+                return max(1, min(max_rows or slots, slots // (width + max_new_tokens + slack)))
+
+            # Work that will wait needs spare columns to join into: as many as the new tokens, so
+            # a newcomer fits beside rows that have just started (fewer rows at once, in exchange).
+            slack = 0 if sum(map(len, pending)) <= rows_held(0) else max_new_tokens
+            capacity = rows_held(slack)
+            first = [pending.pop(0)]
+            while pending and sum(map(len, first)) + len(pending[0]) <= capacity:
+                first.append(pending.pop(0))
+            self._session(rows, first, pending, capacity=capacity, slack=slack if pending else 0,
+                          max_new_tokens=max_new_tokens, choose=choose, finished=finished, out=out)
+        return {i: out[i] for g in groups for i in g}
+
+    def _pick(self, hidden: torch.Tensor, live: list[int],
+              choose: Callable[[torch.Tensor, list[int]], list[int]] | None) -> list[int]:
+        return self.best(hidden) if choose is None else choose(self.logits(hidden), live)
+
+    def _session(self, rows: Sequence[Sequence[int]], first: list[list[int]], pending: list[list[int]], *,
+                 capacity: int, slack: int, max_new_tokens: int,
+                 choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
+                 finished: Callable[[int, list[int]], bool], out: list[list[int]]) -> None:
+        """One merged batch: `first` decoded together, groups from `pending` joining as room frees
+        (`slack` spare columns past the first rows' prompts and new tokens)."""
+        prefilled = [self.prefill(rows, g) for g in first]
         order = [i for g in prefilled for i in g.rows]  # batch row -> index into `rows`
         width = max(g.width for g in prefilled)
-        cache = self.merge(prefilled, width=width, total=width + max_new_tokens)
+        total = width + max_new_tokens + slack  # columns of the cache; a row needs its prompt + new tokens
+        cache = self.merge(prefilled, width=width, total=total)
         hidden = torch.cat([g.hidden for g in prefilled])
         del prefilled
-        mask = torch.zeros((len(order), width + max_new_tokens), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(order), total), dtype=torch.long, device=self.device)
         for b, i in enumerate(order):
             mask[b, width - len(rows[i]): width] = 1
         positions = torch.tensor([len(rows[i]) for i in order], dtype=torch.long, device=self.device)
-        out: list[list[int]] = [[] for _ in rows]
+        starts = [width - len(rows[i]) for i in order]  # first column each batch row uses
+        column = width  # where the next token's key and value go
         alive = list(range(len(order)))  # batch rows still generating
-        for step in range(max_new_tokens):
-            live_hidden = hidden[alive] if len(alive) < len(order) else hidden
-            tokens = self.best(live_hidden) if choose is None else choose(self.logits(live_hidden), [order[b] for b in alive])
-            feed = [self.pad_id] * len(order)
-            still = []
-            for b, t in zip(alive, tokens):
-                out[order[b]].append(t)
+
+        def record(batch_rows: list[int], tokens: list[int], feed: list[int]) -> list[int]:
+            """Append each row's token; the rows that go on."""
+            going = []
+            for b, t in zip(batch_rows, tokens):
+                i = order[b]
+                out[i].append(t)
                 feed[b] = t
-                if not finished(order[b], out[order[b]]):
-                    still.append(b)
-            if not still or step + 1 == max_new_tokens:
-                break
-            mask[:, width + step] = 1
-            current = torch.tensor(feed, dtype=torch.long, device=self.device)
-            if len(still) < COMPACT_BELOW * len(order):
-                index = torch.tensor(still, device=self.device)
-                for layer in cache.layers:
-                    layer.select(index)
-                mask, positions, current = mask[index], positions[index], current[index]
-                order = [order[b] for b in still]
-                still = list(range(len(order)))
-            alive = still
-            hidden = self._forward(current[:, None], mask[:, : width + step + 1], positions[:, None], cache,
-                                   width + step)
+                if len(out[i]) < max_new_tokens and not finished(i, out[i]):
+                    going.append(b)
+            return going
+
+        while True:
+            live_hidden = hidden[alive] if len(alive) < len(order) else hidden
+            feed = [self.pad_id] * len(order)
+            still = record(alive, self._pick(live_hidden, [order[b] for b in alive], choose), feed)
+            if not still:
+                return  # the next session (if work waits) starts with its own width
+            joining = self._joining(rows, pending, still=len(still), capacity=capacity, column=column,
+                                    total=total, starts=[starts[b] for b in still], max_new_tokens=max_new_tokens)
+            if joining or len(still) < COMPACT_BELOW * len(order):
+                shift = 0
+                if joining:
+                    # room for the newcomers' tokens: move every row left past the columns nobody uses
+                    shift = max(0, column + max_new_tokens - total)
+                    feed_new, rows_new, groups_new = self._admit(rows, joining, choose, finished, out, max_new_tokens)
+                else:
+                    feed_new, rows_new, groups_new = [], [], []
+                keep = torch.tensor(still, device=self.device)
+                current = [feed[b] for b in still] + feed_new
+                cache, mask = self._rebuild(cache, mask, keep, shift=shift, column=column, total=total,
+                                            joining=groups_new)
+                positions = torch.cat([positions[keep], torch.tensor([len(rows[i]) for i in rows_new],
+                                                                     dtype=torch.long, device=self.device)])
+                starts = [starts[b] - shift for b in still] + [column - shift - len(rows[i]) for i in rows_new]
+                order = [order[b] for b in still] + rows_new
+                column -= shift
+                alive = list(range(len(order)))
+                if not order:
+                    return
+                current_ids = torch.tensor(current, dtype=torch.long, device=self.device)
+            else:
+                alive = still
+                current_ids = torch.tensor(feed, dtype=torch.long, device=self.device)
+            mask[:, column] = 1
+            hidden = self._forward(current_ids[:, None], mask[:, : column + 1], positions[:, None], cache, column)
             positions = positions + 1
-        return {i: out[i] for g in groups for i in g}
+            column += 1
+
+    def _joining(self, rows: Sequence[Sequence[int]], pending: list[list[int]], *, still: int, capacity: int,
+                 column: int, total: int, starts: list[int], max_new_tokens: int) -> list[list[int]]:
+        """The waiting groups that join now: only once a quarter of the batch is free (a prefill
+        of a few rows costs nearly what a larger one does), as many as the free rows hold, and only
+        if the columns allow: a newcomer's prompt must end at the current column and its new tokens
+        fit before the end, after moving every live row left past the columns none of them uses."""
+        if not pending or still >= COMPACT_BELOW * capacity:
+            return []
+        free_left = min(starts)  # columns no live row uses
+        shift = max(0, column + max_new_tokens - total)
+        if shift > free_left:
+            return []
+        joining: list[list[int]] = []
+        room = capacity - still
+        while pending and len(pending[0]) <= room and max(len(rows[i]) for i in pending[0]) <= column - shift:
+            room -= len(pending[0])
+            joining.append(pending.pop(0))
+        return joining
+
+    def _admit(self, rows: Sequence[Sequence[int]], joining: list[list[int]],
+               choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
+               finished: Callable[[int, list[int]], bool], out: list[list[int]], max_new_tokens: int
+               ) -> tuple[list[int], list[int], list[tuple[Prefilled, list[int]]]]:
+        """Prefill the joining groups and pick each row's first token: (tokens to feed, the rows that
+        go on, and per group its prefill with the positions in it of the rows that go on)."""
+        feed: list[int] = []
+        going_rows: list[int] = []
+        groups: list[tuple[Prefilled, list[int]]] = []
+        for group in joining:
+            pre = self.prefill(rows, group)
+            tokens = self._pick(pre.hidden, list(group), choose)
+            keep = []
+            for j, (i, t) in enumerate(zip(group, tokens)):
+                out[i].append(t)
+                if len(out[i]) < max_new_tokens and not finished(i, out[i]):
+                    keep.append(j)
+                    feed.append(t)
+                    going_rows.append(i)
+            groups.append((pre, keep))
+        return feed, going_rows, groups
+
+    def _rebuild(self, cache: Cache, mask: torch.Tensor, keep: torch.Tensor, *, shift: int, column: int,
+                 total: int, joining: list[tuple[Prefilled, list[int]]]) -> tuple[Cache, torch.Tensor]:
+        """The batch's cache and mask with only the `keep` rows, every column moved `shift` left,
+        and the joining groups' rows appended, each prompt ending at the (moved) current column."""
+        added = sum(len(k) for _, k in joining)
+        end = column - shift
+        for index, layer in enumerate(cache.layers):
+            for name in ("keys_buf", "values_buf"):
+                old = getattr(layer, name)
+                buf = torch.zeros((len(keep) + added, *old.shape[1:]), dtype=old.dtype, device=old.device)
+                buf[: len(keep), :, :end] = old.index_select(0, keep)[:, :, shift:column]
+                row = len(keep)
+                for pre, rows_kept in joining:
+                    if rows_kept:
+                        src = pre.cache.layers[index]
+                        part = (src.keys if name == "keys_buf" else src.values)[rows_kept]
+                        buf[row: row + len(rows_kept), :, end - pre.width: end] = part
+                        row += len(rows_kept)
+                setattr(layer, name, buf)
+            layer.length = end
+            layer._expose()
+        new_mask = torch.zeros((len(keep) + added, total), dtype=mask.dtype, device=mask.device)
+        new_mask[: len(keep), :end] = mask.index_select(0, keep)[:, shift:column]
+        row = len(keep)
+        for pre, rows_kept in joining:
+            for j in rows_kept:
+                new_mask[row, end - pre.width: end] = pre.mask[j]
+                row += 1
+        return cache, new_mask

@@ -308,9 +308,10 @@ class Engine:
                       constrained: bool) -> list[tuple[list[int], bool]]:
         """Batches of item indices, each marked True when it goes through the merged decoder.
 
-        Merged: longest prompts first, as many rows as the key/value budget holds (rows x (longest
-        + new tokens) <= decode_tokens, at most max_batch_size); the decoder prefills each in tight
-        sub-groups itself. The rest (constrained decoding, prompts past the sliding window) go
+        Merged: every prompt that fits the sliding window, in one batch, longest first; the decoder
+        prefills them in tight groups and keeps as many rows decoding as the key/value budget holds
+        (rows x (longest + new tokens) <= decode_tokens, at most max_batch_size), refilling rows
+        as they finish. The rest (constrained decoding, prompts past the sliding window) go
         through `generate` in batches under the same key/value budget (prompt + new tokens per
         row): a decode step reads every weight whatever the batch, so more rows per step pay."""
         config = self.decoder.config if self.decoder is not None else None
@@ -320,16 +321,8 @@ class Engine:
         taken = set(fitting)
         rest = [i for i in range(len(items)) if i not in taken]
         plan: list[tuple[list[int], bool]] = []
-        current: list[int] = []
-        for i in sorted(fitting, key=lambda i: len(items[i].ids), reverse=True):
-            longest = len(items[current[0]].ids) if current else len(items[i].ids)
-            if current and (len(current) >= self.max_batch_size
-                            or (len(current) + 1) * (longest + max_new_tokens) > self.decode_tokens):
-                plan.append((current, True))
-                current = []
-            current.append(i)
-        if current:
-            plan.append((current, True))
+        if fitting:
+            plan.append((sorted(fitting, key=lambda i: len(items[i].ids), reverse=True), True))
         costs = [len(items[i].ids) + max_new_tokens for i in rest]
         for batch in plan_batches(costs, token_budget=self.decode_tokens, max_batch_size=self.max_batch_size):
             plan.append(([rest[k] for k in batch], False))
@@ -348,7 +341,8 @@ class Engine:
         groups = plan_batches([len(r) for r in rows], token_budget=self.token_budget, max_batch_size=self.max_batch_size)
         with torch.inference_mode():
             outs = self.decoder.run(rows, groups, max_new_tokens=max_new_tokens,
-                                    choose=sampler.pick if sampler is not None else None, finished=finished)
+                                    choose=sampler.pick if sampler is not None else None, finished=finished,
+                                    slots=self.decode_tokens, max_rows=self.max_batch_size)
         results = []
         for k in range(len(rows)):
             ids = outs[k]

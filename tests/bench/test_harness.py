@@ -49,3 +49,14 @@ def test_attention_flops_count_each_visible_position_within_the_sliding_window(e
         pairs = sum(min(p, 512) if kind == "sliding_attention" else p for kind in kinds for p in range(1, n + 1))
         assert attention_flops(engine, [n]) == 4.0 * width * pairs
     assert attention_flops(engine, [37, 700]) == attention_flops(engine, [37]) + attention_flops(engine, [700])
+
+
+def test_waves_cut_rows_longest_first_by_the_key_value_slots() -> None:
+    from bench.generation import waves
+
+    # Given prompts of 100, 10, 60 and 50 tokens, 20 new tokens each, and 300 slots
+    cut = waves([100, 10, 60, 50], slots=300, max_rows=64, max_new_tokens=20)
+    # Then each wave is longest first and holds rows x (its longest + 20) <= 300: 2 x 120 (a third
+    # row would make 360), then 2 x 70
+    assert cut == [[0, 2], [3, 1]]
+    assert waves([100, 10, 60, 50], slots=300, max_rows=1, max_new_tokens=20) == [[0], [2], [3], [1]]

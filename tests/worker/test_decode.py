@@ -82,6 +82,72 @@ def test_rows_that_finish_leave_the_batch_without_changing_the_others(engine: En
     assert seen_batch[:3] == [8, 8, 8] and set(seen_batch[3:]) == {4}
 
 
+def test_waiting_prompts_join_the_running_batch_as_rows_finish(engine: Engine, docstrings: list[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given 12 prompts, each to end after its own number of tokens (2 to 10, at most 10), and a
+    # key/value budget that holds four rows of the longest prompt at a time
+    rows = _prompts(engine, docstrings, 12, longest=120)
+    decoder: Decoder = engine.decoder
+    order = sorted(range(12), key=lambda i: len(rows[i]), reverse=True)
+    ends = {i: 2 + (k * 5) % 9 for k, i in enumerate(order)}
+
+    def stop(row: int, ids: list[int]) -> bool:
+        return len(ids) >= ends[row]
+
+    live_sets: list[list[int]] = []
+
+    def greedy(logits: torch.Tensor, live: list[int]) -> list[int]:
+        return logits.argmax(dim=-1).tolist()
+
+    def tracking(logits: torch.Tensor, live: list[int]) -> list[int]:
+        live_sets.append(list(live))
+        return greedy(logits, live)
+
+    shifts: list[int] = []
+    rebuild = decoder._rebuild
+
+    def recording(*args, **kwargs):
+        shifts.append(kwargs["shift"])
+        return rebuild(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "_rebuild", recording)
+    slots = 4 * (len(rows[order[0]]) + 2 * 10)
+    with torch.inference_mode():
+        alone = {i: decoder.run(rows, [[i]], max_new_tokens=10, choose=greedy, finished=stop)[i] for i in range(12)}
+        shifts.clear()
+        # When they are decoded together, one prefill group per prompt, longest first
+        together = decoder.run(rows, [[i] for i in order], max_new_tokens=10, choose=tracking, finished=stop,
+                               slots=slots, max_rows=64)
+    # Then every row has exactly the tokens it has decoded alone, ending where it was told to
+    assert together == alone and all(len(together[i]) == ends[i] for i in range(12))
+    # never more than four rows decoded at once,
+    assert max(len(live) for live in live_sets) <= 4
+    # rows that waited decoded in the same steps as rows of the first four (they joined a running
+    # batch rather than waiting for it to end), and the batch moved its columns left to let them in
+    first_four = set(order[:4])
+    assert any(set(live) & first_four and set(live) - first_four for live in live_sets)
+    assert any(shift > 0 for shift in shifts)
+
+
+def test_refilled_decoding_gives_generates_text_with_real_stop_strings(engine: Engine, docstrings: list[str],
+                                                                      unoptimised) -> None:
+    from worker.engine import Tokenized
+    # Given 12 real prompts whose answers end at a stop string at different points, and a key/value
+    # budget of four rows at a time (so most prompts wait and join as others stop)
+    items = [Tokenized(ids=p, truncated=False) for p in _prompts(engine, docstrings, 12, longest=160)]
+    old = engine.decode_tokens
+    engine.decode_tokens = 4 * (max(len(it.ids) for it in items) + 2 * 16)
+    try:
+        merged = engine.generate_tokenized(items, max_new_tokens=16, stop=["."])
+    finally:
+        engine.decode_tokens = old
+    reference = unoptimised(lambda: engine.generate_tokenized(items, max_new_tokens=16, stop=["."]))
+    # Then every text and finish reason is the one `generate` gives, and both kinds of ending occurred
+    assert [g.text for g in merged] == [g.text for g in reference]
+    assert [g.finish_reason for g in merged] == [g.finish_reason for g in reference]
+    assert {g.finish_reason for g in merged} == {"stop", "length"}
+
+
 def test_stop_strings_and_seeded_sampling_hold_in_the_merged_decoder(engine: Engine, unoptimised) -> None:
     prompts = ["Count: 1, 2, 3, 4,", "The alphabet: a, b, c, d,", "Water boils at"]
     # Stop strings cut the text where `generate` cuts it
@@ -108,13 +174,14 @@ def test_work_the_merged_decoder_cannot_hold_goes_through_generate(engine: Engin
     assert sorted((b, m) for b, m in plan) == [([0], False), ([1], True)]
     # Constrained decoding always goes through `generate`
     assert all(not m for _, m in engine.plan_generate([short], max_new_tokens=8, constrained=True))
-    # The key/value budget splits merged batches: rows x (longest + new tokens) <= decode_tokens
+    # Merged rows go to the decoder in one batch (it keeps as many decoding as the key/value
+    # budget holds and refills the rest as rows finish: the refill tests below)
     many = [short] * 10
     old = engine.decode_tokens
     try:
         engine.decode_tokens = 4 * (len(short.ids) + 8)
-        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=False)] == [4, 4, 2]
-        # and `generate` batches (constrained here) by the same key/value budget, not the forward budget
+        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=False)] == [10]
+        # `generate` batches (constrained here) by the key/value budget, not the forward budget
         assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=True)] == [4, 4, 2]
         engine.decode_tokens = 10 * (len(short.ids) + 8)
         assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=True)] == [10]
