@@ -60,11 +60,6 @@ class _SlotLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.keys_buf = self.keys_buf.index_select(0, rows)
-        self.values_buf = self.values_buf.index_select(0, rows)
-        self._expose()
-
 
 class _SlidingSlotLayer(_SlotLayer):
     """A sliding-window layer that never reaches its window (the caller checks), so it attends to
@@ -294,8 +289,6 @@ class Decoder:
                 order = [order[b] for b in still] + rows_new
                 column -= shift
                 alive = list(range(len(order)))
-                if not order:
-                    return
                 current_ids = torch.tensor(current, dtype=torch.long, device=self.device)
             else:
                 alive = still
