@@ -206,16 +206,16 @@ def decode_floor(engine: Engine, prompt_lengths: list[int], new_tokens: int, ban
 
 
 def batch_sweep(engine: Engine, texts: list[str], sizes: tuple[int, ...] = (64, 128, 256, 512)) -> list[dict[str, Any]]:
-    """Embedding tokens/s for several row caps per pass (the token budget unchanged): whether the
-    default cap of 64 rows leaves the card idle. The engine's own cap is restored afterwards."""
+    """Embedding tokens/s for several row caps per pass (the token budget unchanged), each warmed
+    once over the texts: whether the default cap of 64 rows leaves the card idle. The engine's own
+    cap is restored afterwards."""
     items = engine.tokenize(texts, truncate=True, what="text")
     tokens, kept, rows = sum(len(it.ids) for it in items), engine.max_batch_size, []
     try:
         for size in sizes:
             engine.max_batch_size = size
-            engine.embed_tokenized(items[:256])
-            run = timed(lambda: engine.embed_tokenized(items))
-            rows.append({"max_batch_size": size, "tokens_per_s": tokens / run.seconds})
+            _, seconds, runs = warm_then_time(lambda: engine.embed_tokenized(items))
+            rows.append({"max_batch_size": size, "tokens_per_s": tokens / seconds, "runs": runs})
     finally:
         engine.max_batch_size = kept
     return rows
@@ -229,7 +229,17 @@ def generation(engine: Engine, items: list[Any], naive_every: int, bandwidth: fl
     lengths = [len(i.ids) for i in items]
     produced = sum(map(len, ours_tokens))
     floor = decode_floor(engine, lengths, NEW_TOKENS, bandwidth, rate)
+    blocks: dict[str, Any] = {"default": engine.decoder.vocab_block}
+    kept = engine.decoder.vocab_block
+    try:  # the greedy head in the CPU's 4,096-word blocks, against the default, on the same prompts
+        engine.decoder.vocab_block = 4096
+        (block_tokens, _), block_s, block_runs = warm_then_time(lambda: run_ours(engine, items, NEW_TOKENS))
+        blocks.update(blocks_of_4096_seconds=block_s, runs=block_runs, default_speedup=block_s / ours_s,
+                      identical=sum(a == b for a, b in zip(block_tokens, ours_tokens)))
+    finally:
+        engine.decoder.vocab_block = kept
     return {"prompts": len(items), "prompt_tokens": sum(lengths), "max_new_tokens": NEW_TOKENS,
+            "greedy_head": blocks,
             "ours": {"tokens": produced, "seconds": ours_s, "runs": ours_runs, "tokens_per_s": produced / ours_s},
             "hf_one_at_a_time": {"prompts": len(subset), "tokens": sum(map(len, naive_tokens)), "seconds": naive_s,
                                  "tokens_per_s": sum(map(len, naive_tokens)) / naive_s},
@@ -322,6 +332,10 @@ def render(r: dict[str, Any]) -> str:
                   f"  ours {g['ours']['tokens_per_s'] / g['hf_one_at_a_time']['tokens_per_s']:.2f}x HF one at a time; "
                   f"floor {g['floor']['seconds'] * 1e3:.1f} ms, ours reaches {g['floor']['fraction_reached']:.1%}; "
                   f"greedy identical {g['greedy_agreement']['identical']}/{g['greedy_agreement']['of']}"]
+        h = g.get("greedy_head", {})
+        if "blocks_of_4096_seconds" in h:
+            lines.append(f"  greedy head in one block of {h['default']} words: {h['default_speedup']:.2f}x blocks of 4,096 "
+                         f"({h['blocks_of_4096_seconds']:.2f} s); identical {h['identical']}/{g['prompts']}")
     q = r.get("quantized", {})
     if q:
         base = {"embed_seconds": e.get("ours", {}).get("seconds", "-"), "generate_seconds": g.get("ours", {}).get("seconds", "-")}

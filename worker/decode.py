@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-# Vocabulary rows per output-layer block when only the best token is needed: a block's logits stay
-# in cache and the (rows x 262k) logits matrix is never written out (bench/generation.py measures it).
+# Vocabulary rows per output-layer block when only the best token is needed, on CPU: a block's
+# logits stay in cache and the (rows x 262k) logits matrix is never written out (bench/generation.py
+# measures it). On a GPU the whole vocabulary is one block: 64 blocks would be 64 x 4 small kernel
+# launches per decode step where launches, not memory traffic, set the pace (`bench.gpu` times both).
 VOCAB_BLOCK = 4096
 
 # Shrink the decode batch (copying the cache) only once this share of its rows has finished:
@@ -114,6 +116,7 @@ class Decoder:
         params = inspect.signature(self.body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self._pass_cache_position = "cache_position" in params
+        self.vocab_block = VOCAB_BLOCK if device.type == "cpu" else int(self.config.vocab_size)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
                  past: int) -> torch.Tensor:
@@ -140,9 +143,10 @@ class Decoder:
         weight, bias = self.head.weight, self.head.bias
         best_score = torch.full((hidden.shape[0],), float("-inf"), dtype=hidden.dtype, device=hidden.device)
         best_id = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        for start in range(0, weight.shape[0], VOCAB_BLOCK):
-            block = torch.nn.functional.linear(hidden, weight[start: start + VOCAB_BLOCK],
-                                               None if bias is None else bias[start: start + VOCAB_BLOCK])
+        step = self.vocab_block
+        for start in range(0, weight.shape[0], step):
+            block = torch.nn.functional.linear(hidden, weight[start: start + step],
+                                               None if bias is None else bias[start: start + step])
             if self.softcap is not None:
                 block = torch.tanh(block / self.softcap) * self.softcap
             score, index = block.max(dim=-1)
