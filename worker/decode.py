@@ -256,33 +256,21 @@ class Decoder:
         column = width  # where the next token's key and value go
         alive = list(range(len(order)))  # batch rows still generating
 
-        def record(batch_rows: list[int], tokens: list[int], feed: list[int]) -> list[int]:
-            """Append each row's token; the rows that go on."""
-            going = []
-            for b, t in zip(batch_rows, tokens):
-                i = order[b]
-                out[i].append(t)
-                feed[b] = t
-                if len(out[i]) < max_new_tokens and not finished(i, out[i]):
-                    going.append(b)
-            return going
-
         while True:
             live_hidden = hidden[alive] if len(alive) < len(order) else hidden
             feed = [self.pad_id] * len(order)
-            still = record(alive, self._pick(live_hidden, [order[b] for b in alive], choose), feed)
+            still = []
+            for b, t in zip(alive, self._pick(live_hidden, [order[b] for b in alive], choose)):
+                feed[b] = t
+                if _goes_on(out, order[b], t, max_new_tokens, finished):
+                    still.append(b)
             if not still:
                 return  # the next session (if work waits) starts with its own width
-            joining = self._joining(rows, pending, still=len(still), capacity=capacity, column=column,
-                                    total=total, starts=[starts[b] for b in still], max_new_tokens=max_new_tokens)
+            joining, shift = self._joining(rows, pending, still=len(still), capacity=capacity, column=column,
+                                           total=total, starts=[starts[b] for b in still],
+                                           max_new_tokens=max_new_tokens)
             if joining or len(still) < COMPACT_BELOW * len(order):
-                shift = 0
-                if joining:
-                    # room for the newcomers' tokens: move every row left past the columns nobody uses
-                    shift = max(0, column + max_new_tokens - total)
-                    feed_new, rows_new, groups_new = self._admit(rows, joining, choose, finished, out, max_new_tokens)
-                else:
-                    feed_new, rows_new, groups_new = [], [], []
+                feed_new, rows_new, groups_new = self._admit(rows, joining, choose, finished, out, max_new_tokens)
                 keep = torch.tensor(still, device=self.device)
                 current = [feed[b] for b in still] + feed_new
                 cache, mask = self._rebuild(cache, mask, keep, shift=shift, column=column, total=total,
@@ -303,23 +291,23 @@ class Decoder:
             column += 1
 
     def _joining(self, rows: Sequence[Sequence[int]], pending: list[list[int]], *, still: int, capacity: int,
-                 column: int, total: int, starts: list[int], max_new_tokens: int) -> list[list[int]]:
-        """The waiting groups that join now: only once a quarter of the batch is free (a prefill
-        of a few rows costs nearly what a larger one does), as many as the free rows hold, and only
-        if the columns allow: a newcomer's prompt must end at the current column and its new tokens
+                 column: int, total: int, starts: list[int], max_new_tokens: int) -> tuple[list[list[int]], int]:
+        """The waiting groups that join now, and how far every row must move left to make room for
+        their new tokens (0 when none join): only once a quarter of the batch is free (a prefill of
+        a few rows costs nearly what a larger one does), as many as the free rows hold, and only if
+        the columns allow: a newcomer's prompt must end at the current column and its new tokens
         fit before the end, after moving every live row left past the columns none of them uses."""
         if not pending or still >= COMPACT_BELOW * capacity:
-            return []
-        free_left = min(starts)  # columns no live row uses
+            return [], 0
         shift = max(0, column + max_new_tokens - total)
-        if shift > free_left:
-            return []
+        if shift > min(starts):  # the columns no live row uses are too few
+            return [], 0
         joining: list[list[int]] = []
         room = capacity - still
         while pending and len(pending[0]) <= room and max(len(rows[i]) for i in pending[0]) <= column - shift:
             room -= len(pending[0])
             joining.append(pending.pop(0))
-        return joining
+        return joining, shift if joining else 0
 
     def _admit(self, rows: Sequence[Sequence[int]], joining: list[list[int]],
                choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
@@ -335,8 +323,7 @@ class Decoder:
             tokens = self._pick(pre.hidden, list(group), choose)
             keep = []
             for j, (i, t) in enumerate(zip(group, tokens)):
-                out[i].append(t)
-                if len(out[i]) < max_new_tokens and not finished(i, out[i]):
+                if _goes_on(out, i, t, max_new_tokens, finished):
                     keep.append(j)
                     feed.append(t)
                     going_rows.append(i)
@@ -372,3 +359,10 @@ class Decoder:
                 new_mask[row, end - pre.width: end] = pre.mask[j]
                 row += 1
         return cache, new_mask
+
+
+def _goes_on(out: list[list[int]], row: int, token: int, max_new_tokens: int,
+             finished: Callable[[int, list[int]], bool]) -> bool:
+    """Append a row's new token; whether the row still has tokens to generate."""
+    out[row].append(token)
+    return len(out[row]) < max_new_tokens and not finished(row, out[row])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import types
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -100,8 +101,6 @@ def quantize_int8(loaded: LoadedModel) -> LoadedModel:
     and clearly less exact: docs/PERFORMANCE.md gives the cost (embedding cosine, greedy agreement)."""
     if loaded.placement.device.type != "cpu":
         raise ModelSourceError(f"dynamic int8 runs on CPU only (this model is on {loaded.placement.device})")
-    import warnings
-
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     root, head = _root_and_head(loaded)
@@ -130,8 +129,6 @@ def quantize_weight_only(loaded: LoadedModel, mode: str) -> LoadedModel:
                    Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d",
                                         set_inductor_config=False))
     root, head = _root_and_head(loaded)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(root, config, filter_fn=lambda module, _name: isinstance(module, torch.nn.Linear) and module is not head)
