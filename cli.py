@@ -39,10 +39,12 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-new-tokens-limit", "max_new_tokens_limit", type=click.IntRange(min=1), default=1024,
                      show_default=True, envvar="GEMMA_BATCH_MAX_NEW_TOKENS", help="Largest max_tokens a task may ask for."),
         click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, envvar="GEMMA_BATCH_QUANTIZE",
-                     help="Lossy. On CPU, int8 only: int8 linear layers, about 3.8x faster embedding (cosine ~0.93 "
-                          "to exact); greedy text changes from the first token, so not for generation. On CUDA, "
-                          "int8 or int4 weight-only layers through torchao, for models that would not fit the card "
-                          "otherwise (docs/PERFORMANCE.md). Default: off, exact (fp32 on CPU, bf16 on CUDA)."),
+                     help="Lossy. On CPU, int4: 4-bit weights in every linear layer, generation about 1.7x and "
+                          "embedding 1.5x the exact engine (cosine ~0.97 to exact; greedy text often differs); int8: "
+                          "dynamic int8, embedding about 3.8x (cosine ~0.93), greedy text changes from the first "
+                          "token. On CUDA, int8 or int4 weight-only layers through torchao, for models that would "
+                          "not fit the card otherwise (docs/PERFORMANCE.md). Default: off, exact (fp32 on CPU, bf16 "
+                          "on CUDA)."),
         click.option("--compile/--no-compile", "compile_", default=False, envvar="GEMMA_BATCH_COMPILE",
                      help="torch.compile the embedding forward pass, compiled at startup: on 2 CPU cores exact and "
                           "0.99-1.07x eager (30-100 s to compile); on an H200 2.6x eager, bf16 cosine 0.9997 "

@@ -9,7 +9,8 @@ Sections, each measured in this one process against peers on the same inputs (se
 generation and continuous batching against fixed waves (bench/generation.py), embedding and
 embedding with --compile against eager
 (bench/embedding.py), pipeline efficiency, cold start and memory (bench/pipeline.py), and the
-lossy int8 mode against fp32 (bench/quantized.py). Prints
+lossy int8 and int4 modes against fp32 (bench/quantized.py; the generation section also times
+int4 beside the exact engine and llama.cpp). Prints
 one table per section and a verdict per target; writes all figures as JSON to
 bench/results/peers-<time>.json (or --json PATH)."""
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from worker.engine import build_engine
 from worker.settings import EMBEDDED_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("generation", "refill", "embedding", "compile", "pipeline", "int8")
+SECTIONS = ("generation", "refill", "embedding", "compile", "pipeline", "int8", "int4")
 FULL = {"prompts": 64, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000, "int8_texts": 500, "int8_prompts": 16}
 QUICK = {"prompts": 16, "naive_every": 4, "texts": 300, "pipeline_texts": 300, "int8_texts": 100, "int8_prompts": 4}
 
@@ -78,6 +80,7 @@ def targets(results: dict[str, Any]) -> list[list[Any]]:
 
     g, e, p = results.get("generation", {}), results.get("embedding", {}), results.get("pipeline", {})
     add("generation vs llama-cpp-python sequential", g.get("ratio_vs_llama_cpp"), 2.0, fmt=".2f")
+    add("generation vs llama-cpp-python, --quantize int4 (lossy)", g.get("int4_ratio_vs_llama_cpp"), 2.0, fmt=".2f")
     add("generation vs HF one at a time", g.get("ratio_vs_hf_one_at_a_time"), 6.0, fmt=".2f")
     add("embedding vs sentence-transformers", e.get("ratio_vs_sentence_transformers"), 1.15, fmt=".2f")
     # The floor counts the linear layers (2 x non-embedding parameters per token); "with attention"
@@ -129,14 +132,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "decode_tokens": engine.decode_tokens, "max_batch_size": engine.max_batch_size}
     runs = {
         "generation": (lambda: generation.measure(engine, n=sizes["prompts"], max_new_tokens=64,
-                                                  gguf=gguf_path(settings), naive_every=sizes["naive_every"]),
+                                                  gguf=gguf_path(settings), naive_every=sizes["naive_every"],
+                                                  int4=build_engine(replace(settings, quantize="int4"))),
                        generation.render),
         "refill": (lambda: generation.refill(engine, n=sizes["prompts"], max_new_tokens=64, stop=["."]),
                    generation.render_refill),
         "embedding": (lambda: embedding.measure(engine, settings, n=sizes["texts"]), embedding.render),
         "compile": (lambda: embedding.compiled(engine, n=sizes["texts"]), embedding.render_compiled),
         "pipeline": (lambda: pipeline.measure(engine, settings, n=sizes["pipeline_texts"]), pipeline.render),
-        "int8": (lambda: quantized.measure(engine, settings, texts=sizes["int8_texts"], prompts=sizes["int8_prompts"]),
+        "int8": (lambda: quantized.measure(engine, settings, texts=sizes["int8_texts"], prompts=sizes["int8_prompts"],
+                                           process_prompts=sizes["prompts"]),
+                 quantized.render),
+        "int4": (lambda: quantized.measure(engine, settings, texts=sizes["int8_texts"], prompts=sizes["int8_prompts"],
+                                           mode="int4", process_prompts=sizes["prompts"]),
                  quantized.render),
     }
     for name in SECTIONS:

@@ -11,6 +11,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -84,6 +85,15 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def peak_rss(pid: int | str = "self") -> int:
+    """A live process's peak resident set in bytes (Linux VmHWM). Unlike `ru_maxrss`, which Linux
+    carries over an exec from the forking parent, it counts this program's own memory only."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 def peak_rss_bytes() -> int:

@@ -46,18 +46,19 @@ def run_hf_one_at_a_time(engine: Engine, items: list[Tokenized], max_new_tokens:
     return done.value, done.seconds
 
 
-def run_llama_cpp(gguf: str, items: list[Tokenized], max_new_tokens: int, threads: int) -> tuple[list[int], float, float]:
-    """Token counts per prompt, seconds, and the load time. Prompts go in as our token ids (the
-    GGUF carries the same vocabulary), so both engines read identical inputs."""
+def run_llama_cpp(gguf: str, items: list[Tokenized], max_new_tokens: int,
+                  threads: int) -> tuple[list[tuple[int, str]], float, float]:
+    """(token count, text) per prompt, seconds, and the load time. Prompts go in as our token ids
+    (the GGUF carries the same vocabulary), so both engines read identical inputs."""
     from llama_cpp import Llama
 
     loaded = timed(lambda: Llama(model_path=gguf, n_ctx=1024, n_batch=512, n_threads=threads,
                                  n_threads_batch=threads, verbose=False))
     llm = loaded.value
 
-    def one(ids: tuple[int, ...]) -> int:
+    def one(ids: tuple[int, ...]) -> tuple[int, str]:
         out = llm.create_completion(prompt=list(ids), max_tokens=max_new_tokens, temperature=0.0, top_k=1)
-        return int(out["usage"]["completion_tokens"])
+        return int(out["usage"]["completion_tokens"]), str(out["choices"][0]["text"])
 
     done = timed(lambda: [one(it.ids) for it in items])
     return done.value, done.seconds, loaded.seconds
@@ -72,15 +73,31 @@ def agreement(ours: list[list[int]], reference: list[list[int]]) -> dict[str, An
     return {"identical": same, "of": len(ours), "shortest_common_prefix": min(prefixes)}
 
 
-def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, naive_every: int = 1) -> dict[str, Any]:
+def text_agreement(texts: list[str], reference: list[str]) -> dict[str, Any]:
+    """How many outputs equal the reference's text, and the mean share of each reference text
+    before the first differing character (for a peer whose token ids are not at hand)."""
+    shares = []
+    for a, b in zip(texts, reference):
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        shares.append(k / max(len(b), 1))
+    return {"identical": sum(a == b for a, b in zip(texts, reference)), "of": len(texts),
+            "mean_shared_prefix": sum(shares) / max(len(shares), 1)}
+
+
+def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, naive_every: int = 1,
+            int4: Engine | None = None) -> dict[str, Any]:
     """`naive_every` > 1 runs the slow one-at-a-time baseline on every k-th prompt only (a quick run);
-    its rate is then over that subset, which spans the same length range."""
+    its rate is then over that subset, which spans the same length range. `int4`, an engine built
+    with `--quantize int4` (lossy), is timed on the same prompts beside the exact one; its outputs
+    and llama.cpp's are compared with our exact outputs as text."""
     items = prompts(engine, n)
     threads = torch.get_num_threads()
     log.info("generation: %d prompts, %d to %d tokens, %d new tokens each", len(items),
              min(len(i.ids) for i in items), max(len(i.ids) for i in items), max_new_tokens)
     engine.generate_tokenized(items[:2], max_new_tokens=4)  # warm both paths' lazy set-up
     ours_tokens, ours_s = run_ours(engine, items, max_new_tokens)
+    decode = engine.tokenizer.decode
+    ours_texts = [decode(t, skip_special_tokens=True) for t in ours_tokens]
     subset = list(range(0, len(items), naive_every))
     naive_tokens, naive_s = run_hf_one_at_a_time(engine, [items[i] for i in subset], max_new_tokens)
     result: dict[str, Any] = {
@@ -90,31 +107,49 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
         "hf_one_at_a_time": {"prompts": len(subset), "tokens": sum(map(len, naive_tokens)), "seconds": naive_s},
         "greedy_agreement": agreement([ours_tokens[i] for i in subset], naive_tokens),
     }
+    if int4 is not None:
+        int4.generate_tokenized(items[:2], max_new_tokens=4)
+        lossy_tokens, lossy_s = run_ours(int4, items, max_new_tokens)
+        result["ours_int4"] = {"tokens": sum(map(len, lossy_tokens)), "seconds": lossy_s,
+                               "agreement_with_exact": text_agreement(
+                                   [decode(t, skip_special_tokens=True) for t in lossy_tokens], ours_texts)}
     if gguf is not None:
-        counts, seconds, load_s = run_llama_cpp(gguf, items, max_new_tokens, threads)
-        result["llama_cpp"] = {"tokens": sum(counts), "seconds": seconds, "load_seconds": load_s}
-    for key in ("ours", "hf_one_at_a_time", "llama_cpp"):
+        outputs, seconds, load_s = run_llama_cpp(gguf, items, max_new_tokens, threads)
+        result["llama_cpp"] = {"tokens": sum(c for c, _ in outputs), "seconds": seconds, "load_seconds": load_s,
+                               "agreement_with_exact": text_agreement([t for _, t in outputs], ours_texts)}
+    for key in ("ours", "ours_int4", "hf_one_at_a_time", "llama_cpp"):
         if key in result:
             result[key]["tokens_per_s"] = result[key]["tokens"] / result[key]["seconds"]
     ours_rate = result["ours"]["tokens_per_s"]
     result["ratio_vs_hf_one_at_a_time"] = ours_rate / result["hf_one_at_a_time"]["tokens_per_s"]
     if "llama_cpp" in result:
         result["ratio_vs_llama_cpp"] = ours_rate / result["llama_cpp"]["tokens_per_s"]
+        if "ours_int4" in result:
+            result["int4_ratio_vs_llama_cpp"] = result["ours_int4"]["tokens_per_s"] / result["llama_cpp"]["tokens_per_s"]
     return result
 
 
 def render(r: dict[str, Any]) -> str:
     rows = [["ours (merged decoder)", r["ours"]["tokens"], r["ours"]["seconds"], r["ours"]["tokens_per_s"], "1.00"]]
-    for key, label in (("hf_one_at_a_time", "HF generate, one at a time"),
+    for key, label in (("ours_int4", "ours, --quantize int4 (lossy)"),
+                       ("hf_one_at_a_time", "HF generate, one at a time"),
                        ("llama_cpp", "llama-cpp-python, sequential (Q4_K_M)")):
         if key in r:
             rate = r[key]["tokens_per_s"]
             rows.append([label, r[key]["tokens"], r[key]["seconds"], rate, f"{r['ours']['tokens_per_s'] / rate:.2f}x"])
     a = r["greedy_agreement"]
+    lines = [f"greedy tokens identical to HF one-at-a-time: {a['identical']} of {a['of']}"]
+    if "int4_ratio_vs_llama_cpp" in r:
+        lines.append(f"int4 is {r['int4_ratio_vs_llama_cpp']:.2f}x llama.cpp")
+    for key, label in (("ours_int4", "int4"), ("llama_cpp", "llama.cpp")):
+        if key in r:
+            g = r[key]["agreement_with_exact"]
+            lines.append(f"{label} text identical to ours (exact) {g['identical']} of {g['of']}, "
+                         f"first {g['mean_shared_prefix']:.0%} shared on average")
     return (f"GENERATION: {r['prompts']} prompts ({r['prompt_tokens']} prompt tokens), up to {r['max_new_tokens']} "
             f"new tokens, greedy, {r['threads']} threads\n"
             + table(["contender", "output tokens", "seconds", "tokens/s", "ours is"], rows)
-            + f"\n  greedy tokens identical to HF one-at-a-time: {a['identical']} of {a['of']}")
+            + "".join(f"\n  {line}" for line in lines))
 
 
 def waves(lengths: list[int], *, slots: int, max_rows: int, max_new_tokens: int) -> list[list[int]]:

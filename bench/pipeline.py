@@ -21,19 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import embed_texts, table, timed
+from bench.common import embed_texts, peak_rss, table, timed
 from worker.engine import Engine
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def peak_rss(pid: int) -> int:
-    """A live process's peak resident set in bytes (Linux VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 def measure(engine: Engine, settings: Settings, *, n: int, texts_per_task: int = 16) -> dict[str, Any]:

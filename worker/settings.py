@@ -35,7 +35,7 @@ class Settings:
     max_lease_s: int = 900
     lease_extension_s: int = 10
     drain_s: float = 6.0
-    quantize: str | None = None  # "int8" or "int4" (CUDA only): lossy; see worker/model/loader.quantize
+    quantize: str | None = None  # "int8" or "int4": lossy; see worker/model/loader.quantize
     result_cache: bool = True  # answer identical greedy or seeded tasks from the results store's _cache/
     compile: bool = False  # torch.compile the embedding forward pass; see engine.Engine.compile_embedding
 

@@ -60,3 +60,28 @@ def test_waves_cut_rows_longest_first_by_the_key_value_slots() -> None:
     # row would make 360), then 2 x 70
     assert cut == [[0, 2], [3, 1]]
     assert waves([100, 10, 60, 50], slots=300, max_rows=1, max_new_tokens=20) == [[0], [2], [3], [1]]
+
+
+def test_the_lossy_int4_ratio_is_a_row_of_its_own() -> None:
+    rows = targets({"generation": {"ratio_vs_llama_cpp": 1.3, "int4_ratio_vs_llama_cpp": 2.4}})
+    assert [r[0] for r in rows] == ["generation vs llama-cpp-python sequential",
+                                    "generation vs llama-cpp-python, --quantize int4 (lossy)"]
+    assert [r[3] for r in rows] == ["NO", "yes"]
+
+
+def test_text_agreement_counts_identical_outputs_and_the_shared_share() -> None:
+    from bench.generation import text_agreement
+
+    got = text_agreement(["abcd", "abXY", "", "same"], ["abcd", "abcd", "abcd", "same"])
+    # identical: 2 of 4; shared prefix of each reference: 4/4, 2/4, 0/4, 4/4
+    assert got == {"identical": 2, "of": 4, "mean_shared_prefix": (1 + 0.5 + 0 + 1) / 4}
+
+
+def test_the_memory_probe_reports_a_fresh_process_peak() -> None:
+    from bench import rss
+
+    got = rss.measure("int4", work="embed", texts=8)
+    # a fresh interpreter that loaded the real model: hundreds of MB at least, and the peak after the
+    # work is never below the peak after building
+    assert got["quantize"] == "int4" and got["work"] == "embed" and got["build_s"] > 0
+    assert 300e6 < got["peak_rss_after_build_bytes"] <= got["peak_rss_bytes"] < 2.5e9  # measured 1.8 GB

@@ -85,14 +85,32 @@ def fuse_norms(root: torch.nn.Module) -> int:
 def quantize(loaded: LoadedModel, mode: str) -> LoadedModel:
     """A lossy mode asked for by name (`int8` or `int4`). On CUDA, weight-only quantization of the
     body's linear layers through torchao (int8 per row; int4 in groups of 128 on the tinygemm
-    kernel), so a larger Gemma fits the card with room for batches. On CPU, `int8` is PyTorch's
-    dynamic quantization (`quantize_int8`); `int4` has no fast CPU kernel here and is refused.
-    The output layer, tied to the input embedding, stays in the model's dtype either way."""
+    kernel), so a larger Gemma fits the card with room for batches; the output layer, tied to the
+    input embedding, stays in the model's dtype. On CPU, `int8` is PyTorch's dynamic quantization
+    (`quantize_int8`) and `int4` PyTorch's own int4 CPU kernel over every linear layer, the output
+    layer included (`quantize_int4_cpu`)."""
+    if mode not in ("int8", "int4"):
+        raise ModelSourceError(f"quantize must be int8 or int4, got {mode!r}")
     if loaded.placement.device.type == "cuda":
         return quantize_weight_only(loaded, mode)
     if mode == "int4":
-        raise ModelSourceError("quantize=int4 needs a CUDA GPU (torchao's int4 kernel); on CPU use int8 or leave it off")
+        return quantize_int4_cpu(loaded)
     return quantize_int8(loaded)
+
+
+def quantize_int4_cpu(loaded: LoadedModel) -> LoadedModel:
+    """CPU int4 (`worker/model/int4.py`): 4-bit weights in groups of 32, activations through the
+    kernel in bf16. The fp32 weights of the replaced layers are freed; the input embedding stays
+    fp32 (a lookup reads one row per token), while the output layer tied to it gets its own int4 copy."""
+    if loaded.placement.device.type != "cpu":
+        raise ModelSourceError(f"the int4 CPU kernel runs on CPU only (this model is on {loaded.placement.device})")
+    from worker.model import int4
+
+    root, _head = _root_and_head(loaded)
+    replaced = int4.quantize_model(root)
+    if replaced == 0:
+        raise ModelSourceError(f"quantize=int4: no linear layer of {loaded.name} has a shape the int4 kernel takes")
+    return replace(loaded, name=f"{loaded.name}+int4")
 
 
 def quantize_int8(loaded: LoadedModel) -> LoadedModel:
