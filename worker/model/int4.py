@@ -11,8 +11,8 @@ rounding of its scale and offset). The embedded checkpoint's weights mostly do n
 and Q8_0 tensors have more levels than 4 bits hold, and its Q4_K blocks seldom use both ends, so
 the weights carry 3.6-8.1% relative error after the least-squares refits (measured on layers 3-4
 and the output layer). The fp32 checkpoint pages read to quantize are released afterwards
-(`release_file_pages`): a worker on int4 peaks at 2.12 GB RSS generating the bench's 64 prompts,
-against 2.71 GB in fp32."""
+(`release_file_pages`): a process on int4 peaks at 2.17 GB RSS generating the bench's 64 prompts,
+against 2.68 GB in fp32 (`python -m bench.rss [--quantize int4]`, docs/PERFORMANCE.md)."""
 from __future__ import annotations
 
 import ctypes
@@ -48,23 +48,26 @@ def quantize_groups(weight: torch.Tensor, *, refits: int = REFITS) -> tuple[torc
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scale = (high - low) / LEVELS
     offset = low + MIDPOINT * scale
+    sum_w = groups.sum(-1)
+    codes = torch.empty_like(groups)
     for attempt in range(refits + 1):
         scale = scale.to(torch.bfloat16).float()
         scale = torch.where(scale != 0, scale, torch.ones_like(scale))  # a constant group: every code 8
         offset = offset.to(torch.bfloat16).float()
-        codes = torch.round((groups - offset[..., None]) / scale[..., None]).clamp_(-MIDPOINT, LEVELS - MIDPOINT)
+        torch.sub(groups, offset[..., None], out=codes)
+        codes.div_(scale[..., None]).round_().clamp_(-MIDPOINT, LEVELS - MIDPOINT)
         if attempt == refits:
             break
         # least squares over the group: minimise sum((scale * c + offset - w)^2) for these codes c
-        sum_c, sum_w = codes.sum(-1), groups.sum(-1)
-        sum_cc, sum_cw = (codes * codes).sum(-1), (codes * groups).sum(-1)
+        sum_c = codes.sum(-1)
+        sum_cc, sum_cw = torch.linalg.vecdot(codes, codes), torch.linalg.vecdot(codes, groups)
         det = GROUP * sum_cc - sum_c * sum_c
         ok = det > 0
         fitted = (GROUP * sum_cw - sum_c * sum_w) / torch.where(ok, det, torch.ones_like(det))
         scale = torch.where(ok, fitted, scale)
         offset = torch.where(ok, (sum_w - scale * sum_c) / GROUP, offset)
     scales_offsets = torch.stack([scale, offset], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return (codes + MIDPOINT).reshape(out_features, in_features).to(torch.int32), scales_offsets
+    return codes.add_(MIDPOINT).reshape(out_features, in_features).to(torch.int32), scales_offsets
 
 
 def dequantize(codes: torch.Tensor, scales_offsets: torch.Tensor) -> torch.Tensor:
