@@ -1,6 +1,6 @@
 """The peer benchmark: `make bench`, `python cli.py bench` or `python -m bench`.
 
-    python -m bench                          # every section at full size (about 45 min on 2 cores)
+    python -m bench                          # every section at full size (see docs/PERFORMANCE.md for how long)
     python -m bench --quick                  # small sizes, a few minutes: a smoke run, not a claim
     python -m bench --sections embedding --sweep
     python -m bench --sections compile       # embedding with --compile against eager

@@ -47,6 +47,17 @@ def test_generate_reads_prompts_from_stdin_and_prints_json_lines(engine: Engine)
     assert all(line["completion_tokens"] == 8 or line["finish_reason"] == "stop" for line in lines)
 
 
+def test_quantize_int4_reaches_the_engine_from_the_command_line(engine: Engine) -> None:
+    # Given texts embedded through the CLI with --quantize int4 on CPU
+    texts = ["Pub/Sub delivers at least once.", "Cloud Storage keeps results.", "def add(a, b): return a + b"]
+    result = run_cli("embed", *texts, "--quantize", "int4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    got = np.array([json.loads(line)["embedding"] for line in result.stdout.splitlines()], dtype=np.float32)
+    # Then the vectors are the lossy mode's: close to the exact ones, yet not equal to them
+    cosines = np.sum(got * engine.embed(texts).vectors, axis=1)
+    assert got.shape == (3, 640) and cosines.min() > 0.9 and cosines.max() < 0.9999
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
