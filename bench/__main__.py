@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import embedding, generation, pipeline, quantized
-from bench.common import machine, peak_rss_bytes, table, timed
+from bench.common import machine, peak_rss, table, timed
 from worker.engine import build_engine
 from worker.settings import EMBEDDED_MODEL, Settings
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["embedding_sweep"] = embedding.sweep(engine, n=min(sizes["texts"], 500),
                                                          budgets=[512, 1024, 2048], overheads=[0, 32, 128])
             print(embedding.render_sweep(results["embedding_sweep"]), flush=True)
-    results["bench_process_peak_rss_bytes"] = peak_rss_bytes()
+    results["bench_process_peak_rss_bytes"] = peak_rss()
     results["machine"]["load_average_end"] = os.getloadavg()
     results["targets"] = targets(results)
     print("\nTARGETS" + (" (quick run: sizes too small to claim anything)" if args.quick else ""))

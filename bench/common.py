@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -94,11 +93,6 @@ def peak_rss(pid: int | str = "self") -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmHWM for process {pid}")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -5,6 +5,7 @@ how many of our outputs equal the one-at-a-time outputs token for token (the exa
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -64,22 +65,20 @@ def run_llama_cpp(gguf: str, items: list[Tokenized], max_new_tokens: int,
     return done.value, done.seconds, loaded.seconds
 
 
+def shared_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items two sequences (token ids, or a text's characters) have in common."""
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def agreement(ours: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
     same = sum(a == b for a, b in zip(ours, reference))
-    prefixes = []
-    for a, b in zip(ours, reference):
-        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        prefixes.append(k)
-    return {"identical": same, "of": len(ours), "shortest_common_prefix": min(prefixes)}
+    return {"identical": same, "of": len(ours), "shortest_common_prefix": min(map(shared_prefix, ours, reference))}
 
 
 def text_agreement(texts: list[str], reference: list[str]) -> dict[str, Any]:
     """How many outputs equal the reference's text, and the mean share of each reference text
     before the first differing character (for a peer whose token ids are not at hand)."""
-    shares = []
-    for a, b in zip(texts, reference):
-        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        shares.append(k / max(len(b), 1))
+    shares = [shared_prefix(a, b) / max(len(b), 1) for a, b in zip(texts, reference)]
     return {"identical": sum(a == b for a, b in zip(texts, reference)), "of": len(texts),
             "mean_shared_prefix": sum(shares) / max(len(shares), 1)}
 

@@ -29,10 +29,8 @@ def measure(engine: Engine, settings: Settings, *, texts: int, prompts: int, max
     lossy_gen = timed(lambda: lossy.generate_tokenized(items, max_new_tokens=max_new_tokens))
     cos = np.sum(exact_embed.value * lossy_embed.value, axis=1)
     a = generation.agreement([g.token_ids for g in lossy_gen.value], [g.token_ids for g in exact_gen.value])
-    common = []
-    for x, y in zip(exact_gen.value, lossy_gen.value):
-        k = next((j for j, (p, q) in enumerate(zip(x.token_ids, y.token_ids)) if p != q), min(len(x.token_ids), len(y.token_ids)))
-        common.append(k / max(len(x.token_ids), 1))
+    common = [generation.shared_prefix(x.token_ids, y.token_ids) / max(len(x.token_ids), 1)
+              for x, y in zip(exact_gen.value, lossy_gen.value)]
     out_tokens = sum(len(g.token_ids) for g in exact_gen.value), sum(len(g.token_ids) for g in lossy_gen.value)
     n = process_prompts or prompts
     memory = {"fp32": rss.measure(None, prompts=n), mode: rss.measure(mode, prompts=n)}

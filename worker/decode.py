@@ -273,8 +273,8 @@ class Decoder:
                 feed_new, rows_new, groups_new = self._admit(rows, joining, choose, finished, out, max_new_tokens)
                 keep = torch.tensor(still, device=self.device)
                 current = [feed[b] for b in still] + feed_new
-                cache, mask = self._rebuild(cache, mask, keep, shift=shift, column=column, total=total,
-                                            joining=groups_new)
+                mask = self._rebuild(cache, mask, keep, shift=shift, column=column, total=total,
+                                     joining=groups_new)
                 positions = torch.cat([positions[keep], torch.tensor([len(rows[i]) for i in rows_new],
                                                                      dtype=torch.long, device=self.device)])
                 starts = [starts[b] - shift for b in still] + [column - shift - len(rows[i]) for i in rows_new]
@@ -331,9 +331,10 @@ class Decoder:
         return feed, going_rows, groups
 
     def _rebuild(self, cache: Cache, mask: torch.Tensor, keep: torch.Tensor, *, shift: int, column: int,
-                 total: int, joining: list[tuple[Prefilled, list[int]]]) -> tuple[Cache, torch.Tensor]:
-        """The batch's cache and mask with only the `keep` rows, every column moved `shift` left,
-        and the joining groups' rows appended, each prompt ending at the (moved) current column."""
+                 total: int, joining: list[tuple[Prefilled, list[int]]]) -> torch.Tensor:
+        """Rebuild the batch's cache in place and return its new mask: only the `keep` rows, every
+        column moved `shift` left, and the joining groups' rows appended, each prompt ending at the
+        (moved) current column."""
         added = sum(len(k) for _, k in joining)
         end = column - shift
         for index, layer in enumerate(cache.layers):
@@ -358,7 +359,7 @@ class Decoder:
             for j in rows_kept:
                 new_mask[row, end - pre.width: end] = pre.mask[j]
                 row += 1
-        return cache, new_mask
+        return new_mask
 
 
 def _goes_on(out: list[list[int]], row: int, token: int, max_new_tokens: int,

@@ -202,9 +202,10 @@ class Engine:
     def compile_embedding(self) -> float:
         """Run the embedding forward pass through `torch.compile` (shapes marked dynamic), compiled
         now rather than on a task: fused element-wise work, same arithmetic (fp32 vectors agree to
-        float rounding; bf16 ones on a GPU to cosine 0.9997, fusion rounds differently). Worth it for long runs only: compiling takes minutes on a small CPU. Both shape
-        regimes (within and past the sliding window) are compiled here; a batch of one row or one
-        token is padded to two, which the compiled graph covers. Generation is not compiled.
+        float rounding; bf16 ones on a GPU to cosine 0.9997, fusion rounds differently). Worth it
+        for long runs only: compiling takes minutes on a small CPU. Both shape regimes (within and
+        past the sliding window) are compiled here; a batch of one row or one token is padded to
+        two, which the compiled graph covers. Generation is not compiled.
         Returns the seconds spent compiling."""
         started = time.monotonic()
         self._compiled_forward = torch.compile(self._eager_forward, dynamic=True)

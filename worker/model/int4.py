@@ -16,9 +16,11 @@ against 2.68 GB in fp32 (`python -m bench.rss [--quantize int4]`, docs/PERFORMAN
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,6 +126,13 @@ def quantize_model(root: torch.nn.Module) -> int:
     return len(targets)
 
 
+@functools.cache
+def _madvise() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
 def file_ranges() -> list[tuple[int, int]]:
     """Address ranges of this process's file mappings (Linux `/proc/self/maps`; empty elsewhere).
     transformers maps the safetensors checkpoint privately and points the weights into it."""
@@ -171,9 +180,7 @@ def release_file_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> b
     first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
     if last <= first or not _untouched_file_pages(first, last):
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED) != 0:
+    if _madvise()(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED) != 0:
         log.debug("madvise failed: %s", os.strerror(ctypes.get_errno()))
         return False
     return True

@@ -4,6 +4,8 @@ that computes what its dequantized weights compute, every linear layer of the re
 same quantized model's own `generate` picks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -112,15 +114,19 @@ def test_int4_greedy_tokens_equal_the_quantized_models_own_generate(int4_engine:
         assert out.token_ids == (expected if cut is None else expected[:cut]) and out.token_ids
 
 
-def _resident_bytes(path: str) -> int:
-    total, current = 0, None
+def _resident_bytes(path: str, address: int | None = None) -> int | None:
+    """Resident bytes of this process's mappings of `path` (only the one holding `address`, if
+    given); None when there is no such mapping."""
+    total, current = None, False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             parts = line.split()
             if not parts[0].endswith(":"):
-                current = parts[5] if len(parts) > 5 else None
-            elif parts[0] == "Rss:" and current == path:
-                total += int(parts[1]) * 1024
+                low, high = (int(x, 16) for x in parts[0].split("-"))
+                current = (len(parts) > 5 and parts[5] == path
+                           and (address is None or low <= address < high))
+            elif parts[0] == "Rss:" and current:
+                total = (total or 0) + int(parts[1]) * 1024
     return total
 
 
@@ -146,13 +152,6 @@ def test_quantizing_leaves_the_fp32_checkpoint_out_of_memory(int4_engine: Engine
     # The fp32 checkpoint (1.07 GB, mapped by the loader) is read whole to quantize it; afterwards
     # only the embedding rows that lookups touched stay resident (1.05 GB stayed before the release)
     embedding = int4_engine.model.lm.get_input_embeddings().weight.untyped_storage().data_ptr()
-    resident, current = None, None
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            parts = line.split()
-            if not parts[0].endswith(":"):
-                low, high = (int(x, 16) for x in parts[0].split("-"))
-                current = low <= embedding < high and len(parts) > 5 and parts[5].endswith("model.safetensors")
-            elif parts[0] == "Rss:" and current:
-                resident = int(parts[1]) * 1024
+    checkpoint = str(next(Path(int4_engine.model.lm.name_or_path).glob("*.safetensors")))
+    resident = _resident_bytes(checkpoint, embedding)
     assert resident is not None and resident < 200e6
