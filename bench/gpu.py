@@ -13,6 +13,8 @@ What it measures, each figure against a ceiling or a peer measured in this same 
   output tokens/s, and the floor set by reading every weight and the key/value cache once per
   decode step at the copy bandwidth (plus the prefill at the matrix rate);
 - `--quantize int8` and `int4` (torchao, weight-only) against bf16: speed, weight bytes, agreement;
+- cold start: a fresh process from spawn to a loaded and warmed engine (`bench.rss`), and what
+  its first real embedding and generation calls still pay against the second;
 - the same engine on this machine's CPU cores (fp32), for the CPU vs GPU table;
 - the GPU metrics `/metrics` exports (NVML), read once.
 
@@ -280,6 +282,16 @@ def on_cpu(settings: Settings, texts: list[str], n_prompts: int) -> dict[str, An
             "generate_tokens_per_s": sum(map(len, gen_tokens)) / gen_s}
 
 
+def cold_start(model: str, cache_dir: Path, texts: int, prompts: int, device: str = "cuda") -> dict[str, Any]:
+    """Two fresh processes on this card (`python -m bench.rss --device cuda`): spawn to ready (imports,
+    CUDA set-up, load, the service's warm-up), then the bench's texts embedded, or its prompts
+    generated, twice: a first call much slower than the second means the warm-up misses shapes."""
+    from bench import rss
+
+    return {work: rss.measure(None, work=work, texts=texts, prompts=prompts, model=model, cache_dir=cache_dir,
+                              device=device) for work in ("embed", "generate")}
+
+
 def gpu_metrics() -> dict[str, Any]:
     from prometheus_client import generate_latest
 
@@ -359,6 +371,12 @@ def render(r: dict[str, Any]) -> str:
     if "seconds" in comp:
         lines.append(f"COMPILE: {comp['compile_seconds']:.0f} s to compile; embedding {comp['seconds']:.2f} s, "
                      f"{comp['speedup_vs_eager']:.2f}x eager; cosine min {comp['cosine_min_vs_eager']:.5f}")
+    cold = r.get("cold_start", {})
+    if "embed" in cold:
+        lines += ["COLD START (fresh process, spawn to loaded and warmed; then the work twice)",
+                  table(["work", "spawn to ready s", "load s", "warm-up s", "first call s", "second call s"],
+                        [[w, c["spawn_to_ready_s"], c["build_s"], c["warm_up_s"], c["first_call_s"], c["second_call_s"]]
+                         for w, c in cold.items()])]
     m = r.get("gpu_metrics", {})
     if m:
         lines.append("METRICS: " + ("; ".join(m.get("lines", [])) or str(m)))
@@ -411,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         if engine.device.type == "cuda":
             results["device"]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         base_tokens = gen.pop("tokens") if gen else None
+        if engine.device.type == "cuda":
+            section(results, "cold_start", lambda: cold_start(str(path), settings.cache_dir or work / "cache",
+                                                              sizes["texts"], sizes["prompts"]), out)
         if not args.no_quantize and engine.device.type == "cuda" and emb and gen:
             vectors = engine.embed(texts, truncate=True).vectors
             section(results, "quantized",

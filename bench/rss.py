@@ -1,9 +1,14 @@
-"""Peak RSS of one fresh process that builds the engine (optionally `--quantize`d) and then embeds
-the bench's texts or generates for its prompts: what a worker doing only that work would peak at.
+"""One fresh process that builds the engine (optionally `--quantize`d), warms it as the service
+does, then embeds the bench's texts or generates for its prompts twice: what a worker doing only
+that work would peak at, how long it took to be ready, and what the first real call still paid.
 
     python -m bench.rss --quantize int4 --work generate --prompts 64
+    python -m bench.rss --model DIR --device cuda --work embed      # a GPU cold start
 
-Prints one JSON object: peak RSS after building, after the work, and the build seconds."""
+Prints one JSON object: build seconds, spawn-to-ready seconds (interpreter start, imports, load,
+warm-up; from `--spawned-at`, the parent's clock before it started this process), the first and
+second timing of the work after the warm-up, and peak RSS after building and after the work (on
+CUDA also the peak device memory allocated)."""
 from __future__ import annotations
 
 import argparse
@@ -23,31 +28,64 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work", choices=["embed", "generate"], default="generate")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--texts", type=int, default=500)
+    parser.add_argument("--model", default=None, help="model source (default: the embedded Gemma)")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--spawned-at", type=float, default=None,
+                        help="the parent's time.time() just before starting this process")
     args = parser.parse_args(argv)
+    import torch
+
     from bench import generation
     from worker.engine import build_engine
     from worker.settings import Settings
 
     started = time.monotonic()
-    engine = build_engine(Settings(device="cpu", quantize=args.quantize))
+    options: dict[str, Any] = {"device": args.device, "quantize": args.quantize}
+    if args.model is not None:
+        options["model"] = args.model
+    if args.cache_dir is not None:
+        options["cache_dir"] = args.cache_dir
+    engine = build_engine(Settings(**options))
     built = time.monotonic() - started
+    warm_up_s = engine.warm_up()
+    ready_s = time.time() - args.spawned_at if args.spawned_at is not None else None
     after_build = peak_rss()
     if args.work == "embed":
-        engine.embed(embed_texts(args.texts), truncate=True)
+        texts = embed_texts(args.texts)
+        work = lambda: engine.embed(texts, truncate=True)  # noqa: E731
     else:
-        engine.generate_tokenized(generation.prompts(engine, args.prompts), max_new_tokens=64)
-    result = {"quantize": args.quantize, "work": args.work, "build_s": built,
-              "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}
+        items = generation.prompts(engine, args.prompts)
+        work = lambda: engine.generate_tokenized(items, max_new_tokens=64)  # noqa: E731
+    calls = []
+    for _ in range(2):
+        began = time.monotonic()
+        work()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        calls.append(time.monotonic() - began)
+    result = {"quantize": args.quantize, "work": args.work, "device": engine.device.type, "build_s": built,
+              "warm_up_s": warm_up_s, "spawn_to_ready_s": ready_s, "first_call_s": calls[0],
+              "second_call_s": calls[1], "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}
+    if engine.device.type == "cuda":
+        result["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(result))
     return result
 
 
-def measure(quantize: str | None, *, work: str = "generate", prompts: int = 64, texts: int = 500) -> dict[str, Any]:
-    """Run `main` in a fresh interpreter (peak RSS is per process) and return its figures."""
-    cmd = [sys.executable, "-m", "bench.rss", "--work", work, "--prompts", str(prompts), "--texts", str(texts)]
+def measure(quantize: str | None, *, work: str = "generate", prompts: int = 64, texts: int = 500,
+            model: str | None = None, cache_dir: Path | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Run `main` in a fresh interpreter (peak RSS and start-up are per process) and return its figures."""
+    cmd = [sys.executable, "-m", "bench.rss", "--work", work, "--prompts", str(prompts), "--texts", str(texts),
+           "--device", device]
     if quantize is not None:
         cmd += ["--quantize", quantize]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    if model is not None:
+        cmd += ["--model", model]
+    if cache_dir is not None:
+        cmd += ["--cache-dir", str(cache_dir)]
+    out = subprocess.run(cmd + ["--spawned-at", repr(time.time())], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -85,3 +85,6 @@ def test_the_memory_probe_reports_a_fresh_process_peak() -> None:
     # work is never below the peak after building
     assert got["quantize"] == "int4" and got["work"] == "embed" and got["build_s"] > 0
     assert 300e6 < got["peak_rss_after_build_bytes"] <= got["peak_rss_bytes"] < 2.5e9  # measured 1.8 GB
+    # spawn to ready covers the interpreter's start and the warm-up as well as the load; the work ran twice
+    assert got["spawn_to_ready_s"] > got["build_s"] + got["warm_up_s"] and got["warm_up_s"] > 0
+    assert got["first_call_s"] > 0 and got["second_call_s"] > 0 and got["device"] == "cpu"
