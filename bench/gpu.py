@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 FULL = {"texts": 2000, "prompts": 64, "naive_every": 8, "cpu_texts": 300, "cpu_prompts": 16}
 QUICK = {"texts": 32, "prompts": 4, "naive_every": 4, "cpu_texts": 8, "cpu_prompts": 2}
 NEW_TOKENS = 64
+SECTIONS = ("embedding", "embedding_batch_sweep", "generation", "cold_start", "quantized", "gpu_metrics", "cpu")
 
 
 def sync() -> None:
@@ -207,20 +208,28 @@ def decode_floor(engine: Engine, prompt_lengths: list[int], new_tokens: int, ban
     return prefill + steps
 
 
-def batch_sweep(engine: Engine, texts: list[str], sizes: tuple[int, ...] = (64, 128, 256, 512)) -> list[dict[str, Any]]:
-    """Embedding tokens/s for several row caps per pass (the token budget unchanged), each warmed
-    once over the texts: whether the default cap of 64 rows leaves the card idle. The engine's own
-    cap is restored afterwards."""
+def batch_sweep(engine: Engine, texts: list[str], sizes: tuple[int, ...] = (64, 128, 256, 512),
+                rounds: int = 5) -> list[dict[str, Any]]:
+    """Embedding tokens/s for several row caps per pass (the token budget unchanged): whether the
+    default cap of 64 rows leaves the card idle. Each cap is warmed once over the texts, then the
+    caps take turns for `rounds` rounds (so drift on a shared card hits all alike) and each
+    reports its median. The engine's own cap is restored afterwards."""
     items = engine.tokenize(texts, truncate=True, what="text")
-    tokens, kept, rows = sum(len(it.ids) for it in items), engine.max_batch_size, []
+    tokens, kept = sum(len(it.ids) for it in items), engine.max_batch_size
+    times: dict[int, list[float]] = {size: [] for size in sizes}
     try:
         for size in sizes:
             engine.max_batch_size = size
-            _, seconds, runs = warm_then_time(lambda: engine.embed_tokenized(items))
-            rows.append({"max_batch_size": size, "tokens_per_s": tokens / seconds, "runs": runs})
+            engine.embed_tokenized(items)
+        for _ in range(rounds):
+            for size in sizes:
+                engine.max_batch_size = size
+                times[size].append(timed(lambda: engine.embed_tokenized(items)).seconds)
+                sync()
     finally:
         engine.max_batch_size = kept
-    return rows
+    return [{"max_batch_size": size, "tokens_per_s": tokens / float(np.median(runs)), "runs": runs}
+            for size, runs in times.items()]
 
 
 def generation(engine: Engine, items: list[Any], naive_every: int, bandwidth: float, rate: float) -> dict[str, Any]:
@@ -283,13 +292,15 @@ def on_cpu(settings: Settings, texts: list[str], n_prompts: int) -> dict[str, An
 
 
 def cold_start(model: str, cache_dir: Path, texts: int, prompts: int, device: str = "cuda") -> dict[str, Any]:
-    """Two fresh processes on this card (`python -m bench.rss --device cuda`): spawn to ready (imports,
+    """Fresh processes on this card (`python -m bench.rss --device cuda`): spawn to ready (imports,
     CUDA set-up, load, the service's warm-up), then the bench's texts embedded, or its prompts
-    generated, twice: a first call much slower than the second means the warm-up misses shapes."""
+    generated, three times: a first call much slower than the later ones means the warm-up misses
+    shapes. Each work with the engine's own warm-up, then with only the tiny one, for comparison."""
     from bench import rss
 
-    return {work: rss.measure(None, work=work, texts=texts, prompts=prompts, model=model, cache_dir=cache_dir,
-                              device=device) for work in ("embed", "generate")}
+    return {f"{work} ({warm})": rss.measure(None, work=work, texts=texts, prompts=prompts, model=model,
+                                            cache_dir=cache_dir, device=device, warm_up=warm)
+            for work in ("embed", "generate") for warm in ("default", "basic")}
 
 
 def gpu_metrics() -> dict[str, Any]:
@@ -372,10 +383,11 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"COMPILE: {comp['compile_seconds']:.0f} s to compile; embedding {comp['seconds']:.2f} s, "
                      f"{comp['speedup_vs_eager']:.2f}x eager; cosine min {comp['cosine_min_vs_eager']:.5f}")
     cold = r.get("cold_start", {})
-    if "embed" in cold:
-        lines += ["COLD START (fresh process, spawn to loaded and warmed; then the work twice)",
-                  table(["work", "spawn to ready s", "load s", "warm-up s", "first call s", "second call s"],
-                        [[w, c["spawn_to_ready_s"], c["build_s"], c["warm_up_s"], c["first_call_s"], c["second_call_s"]]
+    if cold and "error" not in cold:
+        lines += ["COLD START (fresh process, spawn to loaded and warmed; then the work three times)",
+                  table(["work (warm-up)", "spawn to ready s", "imports s", "build s", "warm-up s", "calls s"],
+                        [[w, c["spawn_to_ready_s"], c.get("imports_s", "-"), c["build_s"], c["warm_up_s"],
+                          " / ".join(f"{t:.2f}" for t in c.get("calls_s", [c["first_call_s"], c["second_call_s"]]))]
                          for w, c in cold.items()])]
     m = r.get("gpu_metrics", {})
     if m:
@@ -392,8 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cpu", action="store_true", help="leave out the CPU comparison")
     parser.add_argument("--no-quantize", action="store_true", help="leave out int8/int4")
     parser.add_argument("--compile", action="store_true", help="also time --compile against eager (last; minutes)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (the ceilings always run; "
+                             "quantized needs embedding and generation)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    wanted = {name.strip() for name in args.sections.split(",") if name.strip()}
+    if wanted - set(SECTIONS):
+        parser.error(f"unknown sections: {', '.join(sorted(wanted - set(SECTIONS)))}; choose from {', '.join(SECTIONS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sizes = QUICK if args.quick else FULL
     out = args.json or Path(__file__).parent / "results" / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -421,23 +439,28 @@ def main(argv: list[str] | None = None) -> int:
             from worker.model.source import prepare_model
 
             path = prepare_model(settings.model, settings.cache_dir).path
-        emb = section(results, "embedding", lambda: embedding(engine, path, texts, rate), out)
-        section(results, "embedding_batch_sweep", lambda: batch_sweep(engine, texts), out)
+        emb = gen = None
+        if "embedding" in wanted:
+            emb = section(results, "embedding", lambda: embedding(engine, path, texts, rate), out)
+        if "embedding_batch_sweep" in wanted:
+            section(results, "embedding_batch_sweep", lambda: batch_sweep(engine, texts), out)
         items = prompts(engine, sizes["prompts"])
-        gen = section(results, "generation",
-                      lambda: generation(engine, items, sizes["naive_every"], bandwidth, rate), out)
+        if "generation" in wanted:
+            gen = section(results, "generation",
+                          lambda: generation(engine, items, sizes["naive_every"], bandwidth, rate), out)
         if engine.device.type == "cuda":
             results["device"]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         base_tokens = gen.pop("tokens") if gen else None
-        if engine.device.type == "cuda":
+        if "cold_start" in wanted and engine.device.type == "cuda":
             section(results, "cold_start", lambda: cold_start(str(path), settings.cache_dir or work / "cache",
                                                               sizes["texts"], sizes["prompts"]), out)
-        if not args.no_quantize and engine.device.type == "cuda" and emb and gen:
+        if "quantized" in wanted and not args.no_quantize and engine.device.type == "cuda" and emb and gen:
             vectors = engine.embed(texts, truncate=True).vectors
             section(results, "quantized",
                     lambda: quantized(settings, engine, texts, items, vectors, base_tokens), out)
-        section(results, "gpu_metrics", gpu_metrics, out)
-        if not args.no_cpu:
+        if "gpu_metrics" in wanted:
+            section(results, "gpu_metrics", gpu_metrics, out)
+        if "cpu" in wanted and not args.no_cpu:
             section(results, "cpu", lambda: on_cpu(settings, texts[: sizes["cpu_texts"]], sizes["cpu_prompts"]), out)
         if args.compile and engine.device.type == "cuda" and emb:
             section(results, "compile", lambda: compiled(engine, texts, emb["ours"]["seconds"]), out)

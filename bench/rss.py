@@ -6,8 +6,8 @@ that work would peak at, how long it took to be ready, and what the first real c
     python -m bench.rss --model DIR --device cuda --work embed      # a GPU cold start
 
 Prints one JSON object: build seconds, spawn-to-ready seconds (interpreter start, imports, load,
-warm-up; from `--spawned-at`, the parent's clock before it started this process), the first and
-second timing of the work after the warm-up, and peak RSS after building and after the work (on
+warm-up; from `--spawned-at`, the parent's clock before it started this process) and the part of
+it spent before loading (interpreter and imports), three timings of the work after the warm-up, and peak RSS after building and after the work (on
 CUDA also the peak device memory allocated)."""
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default=None, help="model source (default: the embedded Gemma)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--warm-up", choices=["default", "basic", "shapes"], default="default",
+                        help="the engine's own choice (shapes on a GPU), or force the tiny one or the shapes")
     parser.add_argument("--spawned-at", type=float, default=None,
                         help="the parent's time.time() just before starting this process")
     args = parser.parse_args(argv)
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from worker.engine import build_engine
     from worker.settings import Settings
 
+    imports_s = time.time() - args.spawned_at if args.spawned_at is not None else None
     started = time.monotonic()
     options: dict[str, Any] = {"device": args.device, "quantize": args.quantize}
     if args.model is not None:
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         options["cache_dir"] = args.cache_dir
     engine = build_engine(Settings(**options))
     built = time.monotonic() - started
-    warm_up_s = engine.warm_up()
+    warm_up_s = engine.warm_up(shapes={"default": None, "basic": False, "shapes": True}[args.warm_up])
     ready_s = time.time() - args.spawned_at if args.spawned_at is not None else None
     after_build = peak_rss()
     if args.work == "embed":
@@ -58,15 +61,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         items = generation.prompts(engine, args.prompts)
         work = lambda: engine.generate_tokenized(items, max_new_tokens=64)  # noqa: E731
     calls = []
-    for _ in range(2):
+    for _ in range(3):
         began = time.monotonic()
         work()
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         calls.append(time.monotonic() - began)
-    result = {"quantize": args.quantize, "work": args.work, "device": engine.device.type, "build_s": built,
-              "warm_up_s": warm_up_s, "spawn_to_ready_s": ready_s, "first_call_s": calls[0],
-              "second_call_s": calls[1], "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}
+    result = {"quantize": args.quantize, "work": args.work, "device": engine.device.type, "warm_up": args.warm_up,
+              "imports_s": imports_s, "build_s": built, "load_s": engine.model.load_seconds, "warm_up_s": warm_up_s,
+              "spawn_to_ready_s": ready_s, "first_call_s": calls[0], "second_call_s": calls[1], "calls_s": calls,
+              "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}
     if engine.device.type == "cuda":
         result["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(result))
@@ -74,10 +78,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def measure(quantize: str | None, *, work: str = "generate", prompts: int = 64, texts: int = 500,
-            model: str | None = None, cache_dir: Path | None = None, device: str = "cpu") -> dict[str, Any]:
+            model: str | None = None, cache_dir: Path | None = None, device: str = "cpu",
+            warm_up: str = "default") -> dict[str, Any]:
     """Run `main` in a fresh interpreter (peak RSS and start-up are per process) and return its figures."""
     cmd = [sys.executable, "-m", "bench.rss", "--work", work, "--prompts", str(prompts), "--texts", str(texts),
-           "--device", device]
+           "--device", device, "--warm-up", warm_up]
     if quantize is not None:
         cmd += ["--quantize", quantize]
     if model is not None:
