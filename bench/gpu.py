@@ -15,6 +15,9 @@ What it measures, each figure against a ceiling or a peer measured in this same 
 - `--quantize int8` and `int4` (torchao, weight-only) against bf16: speed, weight bytes, agreement;
 - cold start: a fresh process from spawn to a loaded and warmed engine (`bench.rss`), and what
   its first real embedding and generation calls still pay against the second;
+- fresh inputs: texts and prompts never seen before (so passes of sizes not met before), timed on
+  their first pass and again, with torch's default attention backends and with cuDNN attention
+  off, and which backend attention picks: what steady traffic of new inputs pays per new size;
 - the same engine on this machine's CPU cores (fp32), for the CPU vs GPU table;
 - the GPU metrics `/metrics` exports (NVML), read once.
 
@@ -43,14 +46,17 @@ import torch
 from bench.common import attention_flops, embed_texts, flops_per_token, machine, table, timed
 from bench.embedding import cosine_min, linear_shapes, run_naive
 from bench.generation import agreement, prompts, run_hf_one_at_a_time, run_ours
+from worker.corpus import stdlib_docstrings
 from worker.engine import Engine, build_engine
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
-FULL = {"texts": 2000, "prompts": 64, "naive_every": 8, "cpu_texts": 300, "cpu_prompts": 16}
-QUICK = {"texts": 32, "prompts": 4, "naive_every": 4, "cpu_texts": 8, "cpu_prompts": 2}
+FULL = {"texts": 2000, "prompts": 64, "naive_every": 8, "cpu_texts": 300, "cpu_prompts": 16, "fresh_texts": 390,
+        "fresh_prompts": 32}
+QUICK = {"texts": 32, "prompts": 4, "naive_every": 4, "cpu_texts": 8, "cpu_prompts": 2, "fresh_texts": 8, "fresh_prompts": 2}
 NEW_TOKENS = 64
-SECTIONS = ("embedding", "embedding_batch_sweep", "generation", "cold_start", "quantized", "gpu_metrics", "cpu")
+SECTIONS = ("embedding", "embedding_batch_sweep", "generation", "fresh_inputs", "cold_start", "quantized",
+            "gpu_metrics", "cpu")
 
 
 def sync() -> None:
@@ -291,16 +297,56 @@ def on_cpu(settings: Settings, texts: list[str], n_prompts: int) -> dict[str, An
             "generate_tokens_per_s": sum(map(len, gen_tokens)) / gen_s}
 
 
+def sdpa_choice(engine: Engine, rows: int = 8, width: int = 256) -> dict[str, str]:
+    """The backend `scaled_dot_product_attention` picks on this card for an attention call of the
+    model's heads and dtype: causal without a mask (full-attention layers, no padding) and with a
+    boolean mask (sliding-window layers)."""
+    config = engine.model.body.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    shape = (rows, int(config.num_attention_heads), width, int(config.head_dim))
+    q = torch.randn(shape, dtype=engine.model.placement.dtype, device=engine.device)
+    mask = torch.ones(width, width, dtype=torch.bool, device=engine.device).tril()
+    names = {int(b): name for name, b in torch.nn.attention.SDPBackend.__members__.items()}
+    return {"causal": names.get(int(torch._fused_sdp_choice(q, q, q, None, 0.0, True)), "?"),
+            "masked": names.get(int(torch._fused_sdp_choice(q, q, q, mask, 0.0, False)), "?")}
+
+
+def fresh_inputs(engine: Engine, n_texts: int, size: int, n_prompts: int) -> dict[str, Any]:
+    """Inputs never seen by this process (texts after the bench's, prompts picked apart from its
+    set), each set timed on its first pass and then again: real traffic brings new pass sizes all
+    the time, and a backend that prepares per size pays on every one. Three rounds, each on its own
+    new inputs (`size` texts, `n_prompts` prompts): torch's default attention backends, cuDNN
+    attention off, the default again."""
+    pool = stdlib_docstrings(min_chars=20, max_chars=2000)  # embed_texts(n) is its first n
+    size = min(size, (len(pool) - n_texts) // 3)
+    text_sets = [pool[n_texts + k * size: n_texts + (k + 1) * size] for k in range(3)]
+    prompt_pool = prompts(engine, 3 * n_prompts)
+    prompt_sets = [prompt_pool[k::3] for k in range(3)]
+    kept = torch.backends.cuda.cudnn_sdp_enabled()
+    rounds = []
+    try:
+        for (label, cudnn), texts, items in zip((("default", kept), ("cudnn_attention_off", False),
+                                                 ("default_again", kept)), text_sets, prompt_sets):
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
+            tokens = sum(len(t.ids) for t in engine.tokenize(texts, truncate=True, what="text"))
+            embed = [timed(lambda: engine.embed(texts, truncate=True)).seconds for _ in range(2)]
+            generate = [run_ours(engine, items, NEW_TOKENS)[1] for _ in range(2)]
+            rounds.append({"attention": label, "sdpa_choice": sdpa_choice(engine), "texts": len(texts),
+                           "tokens": tokens, "embed_first_s": embed[0], "embed_again_s": embed[1],
+                           "prompts": len(items), "generate_first_s": generate[0], "generate_again_s": generate[1]})
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(kept)
+    return {"rounds": rounds}
+
+
 def cold_start(model: str, cache_dir: Path, texts: int, prompts: int, device: str = "cuda") -> dict[str, Any]:
-    """Fresh processes on this card (`python -m bench.rss --device cuda`): spawn to ready (imports,
+    """Two fresh processes on this card (`python -m bench.rss --device cuda`): spawn to ready (imports,
     CUDA set-up, load, the service's warm-up), then the bench's texts embedded, or its prompts
-    generated, three times: a first call much slower than the later ones means the warm-up misses
-    shapes. Each work with the engine's own warm-up, then with only the tiny one, for comparison."""
+    generated, three times: what the first real call still pays shows against the later ones."""
     from bench import rss
 
-    return {f"{work} ({warm})": rss.measure(None, work=work, texts=texts, prompts=prompts, model=model,
-                                            cache_dir=cache_dir, device=device, warm_up=warm)
-            for work in ("embed", "generate") for warm in ("default", "basic")}
+    return {work: rss.measure(None, work=work, texts=texts, prompts=prompts, model=model, cache_dir=cache_dir,
+                              device=device) for work in ("embed", "generate")}
 
 
 def gpu_metrics() -> dict[str, Any]:
@@ -382,10 +428,17 @@ def render(r: dict[str, Any]) -> str:
     if "seconds" in comp:
         lines.append(f"COMPILE: {comp['compile_seconds']:.0f} s to compile; embedding {comp['seconds']:.2f} s, "
                      f"{comp['speedup_vs_eager']:.2f}x eager; cosine min {comp['cosine_min_vs_eager']:.5f}")
+    fresh = r.get("fresh_inputs", {})
+    if "rounds" in fresh:
+        lines += ["FRESH INPUTS (never seen: first pass, then again)",
+                  table(["attention", "picks (causal/masked)", "embed first s", "again s", "generate first s", "again s"],
+                        [[x["attention"], f"{x['sdpa_choice']['causal']}/{x['sdpa_choice']['masked']}",
+                          x["embed_first_s"], x["embed_again_s"], x["generate_first_s"], x["generate_again_s"]]
+                         for x in fresh["rounds"]])]
     cold = r.get("cold_start", {})
     if cold and "error" not in cold:
         lines += ["COLD START (fresh process, spawn to loaded and warmed; then the work three times)",
-                  table(["work (warm-up)", "spawn to ready s", "imports s", "build s", "warm-up s", "calls s"],
+                  table(["work", "spawn to ready s", "imports s", "build s", "warm-up s", "calls s"],
                         [[w, c["spawn_to_ready_s"], c.get("imports_s", "-"), c["build_s"], c["warm_up_s"],
                           " / ".join(f"{t:.2f}" for t in c.get("calls_s", [c["first_call_s"], c["second_call_s"]]))]
                          for w, c in cold.items()])]
@@ -451,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         if engine.device.type == "cuda":
             results["device"]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         base_tokens = gen.pop("tokens") if gen else None
+        if "fresh_inputs" in wanted:
+            section(results, "fresh_inputs", lambda: fresh_inputs(engine, sizes["texts"], sizes["fresh_texts"],
+                                                                  sizes["fresh_prompts"]), out)
         if "cold_start" in wanted and engine.device.type == "cuda":
             section(results, "cold_start", lambda: cold_start(str(path), settings.cache_dir or work / "cache",
                                                               sizes["texts"], sizes["prompts"]), out)

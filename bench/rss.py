@@ -1,5 +1,5 @@
 """One fresh process that builds the engine (optionally `--quantize`d), warms it as the service
-does, then embeds the bench's texts or generates for its prompts twice: what a worker doing only
+does, then embeds the bench's texts or generates for its prompts three times: what a worker doing only
 that work would peak at, how long it took to be ready, and what the first real call still paid.
 
     python -m bench.rss --quantize int4 --work generate --prompts 64
@@ -7,8 +7,8 @@ that work would peak at, how long it took to be ready, and what the first real c
 
 Prints one JSON object: build seconds, spawn-to-ready seconds (interpreter start, imports, load,
 warm-up; from `--spawned-at`, the parent's clock before it started this process) and the part of
-it spent before loading (interpreter and imports), three timings of the work after the warm-up, and peak RSS after building and after the work (on
-CUDA also the peak device memory allocated)."""
+it spent before loading (interpreter and imports), three timings of the work after the warm-up,
+and peak RSS after building and after the work (on CUDA also the peak device memory allocated)."""
 from __future__ import annotations
 
 import argparse
@@ -31,8 +31,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default=None, help="model source (default: the embedded Gemma)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    parser.add_argument("--warm-up", choices=["default", "basic", "shapes"], default="default",
-                        help="the engine's own choice (shapes on a GPU), or force the tiny one or the shapes")
     parser.add_argument("--spawned-at", type=float, default=None,
                         help="the parent's time.time() just before starting this process")
     args = parser.parse_args(argv)
@@ -51,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         options["cache_dir"] = args.cache_dir
     engine = build_engine(Settings(**options))
     built = time.monotonic() - started
-    warm_up_s = engine.warm_up(shapes={"default": None, "basic": False, "shapes": True}[args.warm_up])
+    warm_up_s = engine.warm_up()
     ready_s = time.time() - args.spawned_at if args.spawned_at is not None else None
     after_build = peak_rss()
     if args.work == "embed":
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         calls.append(time.monotonic() - began)
-    result = {"quantize": args.quantize, "work": args.work, "device": engine.device.type, "warm_up": args.warm_up,
+    result = {"quantize": args.quantize, "work": args.work, "device": engine.device.type,
               "imports_s": imports_s, "build_s": built, "load_s": engine.model.load_seconds, "warm_up_s": warm_up_s,
               "spawn_to_ready_s": ready_s, "first_call_s": calls[0], "second_call_s": calls[1], "calls_s": calls,
               "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}
@@ -78,11 +76,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def measure(quantize: str | None, *, work: str = "generate", prompts: int = 64, texts: int = 500,
-            model: str | None = None, cache_dir: Path | None = None, device: str = "cpu",
-            warm_up: str = "default") -> dict[str, Any]:
+            model: str | None = None, cache_dir: Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """Run `main` in a fresh interpreter (peak RSS and start-up are per process) and return its figures."""
     cmd = [sys.executable, "-m", "bench.rss", "--work", work, "--prompts", str(prompts), "--texts", str(texts),
-           "--device", device, "--warm-up", warm_up]
+           "--device", device]
     if quantize is not None:
         cmd += ["--quantize", quantize]
     if model is not None:

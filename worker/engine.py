@@ -122,37 +122,13 @@ class Engine:
     def width(self) -> int:
         return self.model.hidden_size
 
-    def warm_up(self, *, shapes: bool | None = None) -> float:
-        """One tiny embed and generate, so the first real batch does not pay for lazy set-up; with
-        `shapes` (the default on a GPU) also `warm_up_shapes`. Returns the seconds spent."""
+    def warm_up(self) -> float:
+        """One tiny embed and generate, so the first real batch does not pay for lazy set-up."""
         started = time.monotonic()
         self.embed(["warm up"])
         if self.model.lm is not None:
             self.generate(["warm up"], max_new_tokens=2)
-        if self.device.type == "cuda" if shapes is None else shapes:
-            self.warm_up_shapes()
         return time.monotonic() - started
-
-    def warm_up_shapes(self) -> list[tuple[int, int]]:
-        """Passes of the sizes real work brings, before any task: on a GPU the first pass over a new
-        size loads kernels and grows the memory pool, and a fresh worker's first real batches paid
-        several times a warm pass for it (docs/PERFORMANCE.md, cold start). Embedding passes at
-        widths from 8 tokens to the input limit (4x apart), each with as many rows as the budget
-        allows; then generation with 4, 16 and `max_batch_size` rows (at most that) of mixed prompt lengths,
-        greedy and sampled. Returns the embedding passes' (rows, width)."""
-        token = self.tokenizer.pad_token_id + 1
-        widths = sorted({min(8 * 4 ** k, self.max_input_tokens) for k in range(8)
-                         if 8 * 4 ** (k - 1) < self.max_input_tokens})
-        passes = [(max(1, min(self.max_batch_size, self.token_budget // w)), w) for w in widths]
-        for rows, width in passes:
-            self.embed_pass([(token,) * width] * rows)
-        if self.model.lm is not None:
-            for rows in sorted({min(r, self.max_batch_size) for r in (4, 16, self.max_batch_size)}):
-                lengths = [widths[i % len(widths)] // 2 or 1 for i in range(rows)]
-                items = [Tokenized(ids=(token,) * n, truncated=False) for n in lengths]
-                self.generate_tokenized(items, max_new_tokens=4)
-                self.generate_tokenized(items[:2], max_new_tokens=4, temperature=0.7, seed=0)
-        return passes
 
     # ---- pre -------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], *, truncate: bool, limit: int | None = None,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.gpu import decode_floor, random_model, render, weight_bytes
+from bench.gpu import decode_floor, random_model, render, sdpa_choice, weight_bytes
 from worker.engine import Engine, build_engine
 from worker.model.source import prepare_model
 from worker.settings import Settings
@@ -78,3 +78,11 @@ def test_render_prints_the_cpu_vs_gpu_table_from_a_recorded_run() -> None:
     gen_row = next(line for line in text.splitlines() if line.startswith("generate "))
     assert f"{g['ours']['tokens_per_s'] / c['generate_tokens_per_s']:.1f}x" in gen_row
     assert "random" in text.splitlines()[0] and "int4" in text and "COMPILE" in text
+
+
+def test_sdpa_choice_names_the_backend_attention_picks_for_the_models_heads(engine: Engine) -> None:
+    # On this CPU both calls go to a fused kernel; the names are the SDPBackend members, so a run on
+    # a GPU reads "CUDNN_ATTENTION", "FLASH_ATTENTION" or "EFFICIENT_ATTENTION" in the same place
+    got = sdpa_choice(engine, rows=2, width=16)
+    members = set(torch.nn.attention.SDPBackend.__members__)
+    assert set(got) == {"causal", "masked"} and set(got.values()) <= members - {"ERROR"}

@@ -196,30 +196,3 @@ def test_plan_batches_finds_the_cheapest_split() -> None:
     assert plan_batches([100, 100, 100], token_budget=1000, max_batch_size=8, batch_overhead=1) == [[0, 1, 2]]
     assert len(plan_batches([200, 20, 20, 20], token_budget=1000, max_batch_size=8, batch_overhead=10)) == 2
     assert len(plan_batches([200, 20, 20, 20], token_budget=1000, max_batch_size=8, batch_overhead=600)) == 1
-
-def test_warm_up_over_shapes_covers_every_width_to_the_input_limit_within_the_budget(engine: Engine) -> None:
-    # Given an engine sharing the real model, with small limits so the passes stay quick on CPU
-    small = Engine(engine.model, max_input_tokens=100, token_budget=256, max_batch_size=8, max_new_tokens=16)
-    seen: list[tuple[int, int]] = []
-    generated: list[tuple[int, float]] = []
-    real_pass, real_generate = small.embed_pass, small.generate_tokenized
-
-    def recording_pass(rows):  # type: ignore[no-untyped-def]
-        seen.append((len(rows), max(len(r) for r in rows)))
-        return real_pass(rows)
-
-    def recording_generate(items, **kw):  # type: ignore[no-untyped-def]
-        generated.append((len(items), kw.get("temperature", 0.0)))
-        return real_generate(items, **kw)
-
-    small.embed_pass, small.generate_tokenized = recording_pass, recording_generate  # type: ignore[method-assign]
-    # When the default warm-up runs on CPU, it stays the tiny one
-    small.warm_up()
-    assert max(w for _, w in seen) < 8 and len(generated) == 1
-    seen.clear()
-    generated.clear()
-    # Then, asked for shapes, it passes widths 8, 32 and the limit, each with as many rows as the budget allows
-    small.warm_up(shapes=True)
-    assert seen[-3:] == [(8, 8), (8, 32), (2, 100)]
-    # and generates with 4, 16 (capped at the batch size: 8) rows, greedy and sampled
-    assert sorted({n for n, t in generated if t == 0.0}) == [1, 4, 8] and any(t > 0 for _, t in generated)
