@@ -16,8 +16,8 @@ What it measures, each figure against a ceiling or a peer measured in this same 
 - cold start: a fresh process from spawn to a loaded and warmed engine (`bench.rss`), and what
   its first real embedding and generation calls still pay against the second;
 - fresh inputs: texts and prompts never seen before (so passes of sizes not met before), timed on
-  their first pass and again, with torch's default attention backends and with cuDNN attention
-  off, and which backend attention picks: what steady traffic of new inputs pays per new size;
+  their first pass and again, with the engine's attention backends (cuDNN attention off) and with
+  cuDNN attention back on, and which backend attention picks: what traffic of new inputs pays;
 - the same engine on this machine's CPU cores (fp32), for the CPU vs GPU table;
 - the GPU metrics `/metrics` exports (NVML), read once.
 
@@ -315,8 +315,9 @@ def fresh_inputs(engine: Engine, n_texts: int, size: int, n_prompts: int) -> dic
     """Inputs never seen by this process (texts after the bench's, prompts picked apart from its
     set), each set timed on its first pass and then again: real traffic brings new pass sizes all
     the time, and a backend that prepares per size pays on every one. Three rounds, each on its own
-    new inputs (`size` texts, `n_prompts` prompts): torch's default attention backends, cuDNN
-    attention off, the default again."""
+    new inputs (`size` texts, `n_prompts` prompts): the engine's attention backends (cuDNN
+    attention off, `worker.model.device.attention_without_per_shape_plans`), cuDNN attention on
+    (torch's own choice), the engine's again."""
     pool = stdlib_docstrings(min_chars=20, max_chars=2000)  # embed_texts(n) is its first n
     size = min(size, (len(pool) - n_texts) // 3)
     text_sets = [pool[n_texts + k * size: n_texts + (k + 1) * size] for k in range(3)]
@@ -325,8 +326,8 @@ def fresh_inputs(engine: Engine, n_texts: int, size: int, n_prompts: int) -> dic
     kept = torch.backends.cuda.cudnn_sdp_enabled()
     rounds = []
     try:
-        for (label, cudnn), texts, items in zip((("default", kept), ("cudnn_attention_off", False),
-                                                 ("default_again", kept)), text_sets, prompt_sets):
+        for (label, cudnn), texts, items in zip((("engine", kept), ("cudnn_attention_on", True),
+                                                 ("engine_again", kept)), text_sets, prompt_sets):
             torch.backends.cuda.enable_cudnn_sdp(cudnn)
             tokens = sum(len(t.ids) for t in engine.tokenize(texts, truncate=True, what="text"))
             embed = [timed(lambda: engine.embed(texts, truncate=True)).seconds for _ in range(2)]

@@ -25,3 +25,19 @@ def choose_placement(requested: str = "auto") -> Placement:
     if requested.startswith("cuda"):
         log.warning("device %s was asked for but CUDA is not available; falling back to CPU (fp32)", requested)
     return Placement(torch.device("cpu"), torch.float32)
+
+
+def attention_without_per_shape_plans(placement: Placement) -> None:
+    """On CUDA, take cuDNN attention out of the backends `scaled_dot_product_attention` may pick,
+    leaving FlashAttention, memory-efficient attention and the plain one (torch's order otherwise).
+
+    Recent PyTorch puts cuDNN attention first on Hopper and Blackwell data-centre cards, and cuDNN
+    builds an execution graph on the host for every new call size (rows and key length), cached
+    per size. Real traffic brings new sizes all the time: every embedding pass has its own width
+    and every decode step its own key length. On an H100 a fresh process's first embedding of the
+    bench's 2,000 texts spent 7.4 s more inside attention than its second, and generation 11.7 s
+    (docs/PERFORMANCE.md, run 5); the kernels left here prepare nothing per size. A process-wide
+    switch: one engine per process. The service's L4 does not prefer cuDNN attention, so there
+    this changes nothing."""
+    if placement.device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)

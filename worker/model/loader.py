@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from worker.model.device import Placement, choose_placement
+from worker.model.device import Placement, attention_without_per_shape_plans, choose_placement
 from worker.model.source import ModelSourceError, PreparedModel, prepare_model
 from worker.settings import Settings
 
@@ -162,6 +162,7 @@ def load_from_settings(settings: Settings) -> LoadedModel:
     """Prepare (convert or download once) and load the model the settings name."""
     prepared = prepare_model(settings.model, settings.cache_dir)
     placement = choose_placement(settings.device)
+    attention_without_per_shape_plans(placement)
     loaded = load_model(prepared, placement)
     if settings.quantize is not None:
         loaded = quantize(loaded, settings.quantize)

@@ -80,3 +80,22 @@ def test_device_choice_falls_back_to_cpu_fp32_with_a_warning(caplog: pytest.LogC
     assert placement.device.type == "cpu" and placement.dtype == torch.float32
     assert "falling back to CPU" in caplog.text
     assert choose_placement("cpu").dtype == torch.float32
+
+
+def test_cuda_placements_turn_cudnn_attention_off_and_cpu_ones_leave_it() -> None:
+    from worker.model.device import Placement, attention_without_per_shape_plans
+
+    kept = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        # Given cuDNN attention enabled (torch's default)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        # When a CPU placement is set up, nothing changes
+        attention_without_per_shape_plans(Placement(torch.device("cpu"), torch.float32))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        # Then a CUDA one turns it off, so attention never builds a plan per call size
+        attention_without_per_shape_plans(Placement(torch.device("cuda"), torch.bfloat16))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        # and the other fused kernels stay available
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(kept)
