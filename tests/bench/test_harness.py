@@ -88,3 +88,22 @@ def test_the_memory_probe_reports_a_fresh_process_peak() -> None:
     # spawn to ready covers the interpreter's start and the warm-up as well as the load; the work ran twice
     assert got["spawn_to_ready_s"] > got["build_s"] + got["warm_up_s"] and got["warm_up_s"] > 0
     assert got["first_call_s"] > 0 and got["second_call_s"] > 0 and got["device"] == "cpu"
+
+
+def test_the_generation_table_compares_peers_with_the_exact_path_and_int4_with_llama_cpp() -> None:
+    from bench.generation import render
+
+    def row(tokens: int, seconds: float) -> dict[str, float]:
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+    agreement = {"identical": 1, "of": 2, "mean_shared_prefix": 0.5}
+    r = {"prompts": 2, "prompt_tokens": 10, "max_new_tokens": 4, "threads": 2,
+         "ours": row(8, 2.0), "ours_int4": {**row(8, 1.0), "agreement_with_exact": agreement},
+         "hf_one_at_a_time": row(8, 8.0), "llama_cpp": {**row(8, 4.0), "agreement_with_exact": agreement},
+         "greedy_agreement": {"identical": 2, "of": 2}, "int4_ratio_vs_llama_cpp": 4.0}
+    lines = render(r).splitlines()
+    int4 = next(line for line in lines if line.startswith("ours, --quantize int4"))
+    llama = next(line for line in lines if line.startswith("llama-cpp-python"))
+    # the exact path against llama.cpp (4 / 2 tokens/s), never exact against its own lossy mode
+    assert llama.rstrip().endswith("2.00x") and int4.rstrip().endswith("-")
+    assert "int4 is 4.00x llama.cpp" in render(r)
