@@ -347,7 +347,7 @@ def cold_start(model: str, cache_dir: Path, texts: int, prompts: int, device: st
     from bench import rss
 
     return {work: rss.measure(None, work=work, texts=texts, prompts=prompts, model=model, cache_dir=cache_dir,
-                              device=device) for work in ("embed", "generate")}
+                              device=device, calls=3) for work in ("embed", "generate")}
 
 
 def gpu_metrics() -> dict[str, Any]:
@@ -441,7 +441,7 @@ def render(r: dict[str, Any]) -> str:
         lines += ["COLD START (fresh process, spawn to loaded and warmed; then the work three times)",
                   table(["work", "spawn to ready s", "imports s", "build s", "warm-up s", "calls s"],
                         [[w, c["spawn_to_ready_s"], c.get("imports_s", "-"), c["build_s"], c["warm_up_s"],
-                          " / ".join(f"{t:.2f}" for t in c.get("calls_s", [c["first_call_s"], c["second_call_s"]]))]
+                          " / ".join(f"{t:.2f}" for t in c.get("calls_s") or [c["first_call_s"], c["second_call_s"]])]
                          for w, c in cold.items()])]
     m = r.get("gpu_metrics", {})
     if m:

@@ -1,14 +1,14 @@
 """One fresh process that builds the engine (optionally `--quantize`d), warms it as the service
-does, then embeds the bench's texts or generates for its prompts three times: what a worker doing only
-that work would peak at, how long it took to be ready, and what the first real call still paid.
+does, then embeds the bench's texts or generates for its prompts (`--calls` times): what a worker
+doing only that work would peak at, how long it took to be ready, and what the first real call
+still paid against later ones.
 
     python -m bench.rss --quantize int4 --work generate --prompts 64
-    python -m bench.rss --model DIR --device cuda --work embed      # a GPU cold start
+    python -m bench.rss --model DIR --device cuda --work embed --calls 3   # a GPU cold start
 
 Prints one JSON object: build seconds, spawn-to-ready seconds (interpreter start, imports, load,
 warm-up; from `--spawned-at`, the parent's clock before it started this process) and the part of
-it spent before loading (interpreter and imports), three timings of the work after the warm-up,
-and peak RSS after building and after the work (on CUDA also the peak device memory allocated)."""
+it spent before loading (interpreter and imports), the seconds of each call of the work, and peak RSS after building and after the work (on CUDA also the peak device memory allocated)."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default=None, help="model source (default: the embedded Gemma)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--calls", type=int, default=1, help="how many times to run the work (default 1)")
     parser.add_argument("--spawned-at", type=float, default=None,
                         help="the parent's time.time() just before starting this process")
     args = parser.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         items = generation.prompts(engine, args.prompts)
         work = lambda: engine.generate_tokenized(items, max_new_tokens=64)  # noqa: E731
     calls = []
-    for _ in range(3):
+    for _ in range(args.calls):
         began = time.monotonic()
         work()
         if engine.device.type == "cuda":
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         calls.append(time.monotonic() - began)
     result = {"quantize": args.quantize, "work": args.work, "device": engine.device.type,
               "imports_s": imports_s, "build_s": built, "load_s": engine.model.load_seconds, "warm_up_s": warm_up_s,
-              "spawn_to_ready_s": ready_s, "first_call_s": calls[0], "second_call_s": calls[1], "calls_s": calls,
+              "spawn_to_ready_s": ready_s, "calls_s": calls,
               "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}
     if engine.device.type == "cuda":
         result["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -76,10 +77,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def measure(quantize: str | None, *, work: str = "generate", prompts: int = 64, texts: int = 500,
-            model: str | None = None, cache_dir: Path | None = None, device: str = "cpu") -> dict[str, Any]:
+            model: str | None = None, cache_dir: Path | None = None, device: str = "cpu",
+            calls: int = 1) -> dict[str, Any]:
     """Run `main` in a fresh interpreter (peak RSS and start-up are per process) and return its figures."""
     cmd = [sys.executable, "-m", "bench.rss", "--work", work, "--prompts", str(prompts), "--texts", str(texts),
-           "--device", device]
+           "--device", device, "--calls", str(calls)]
     if quantize is not None:
         cmd += ["--quantize", quantize]
     if model is not None:
