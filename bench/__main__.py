@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import embedding, generation, pipeline, quantized
-from bench.common import machine, peak_rss, table, timed
+from bench.common import chosen_sections, machine, peak_rss, table, timed
 from worker.engine import build_engine
 from worker.settings import EMBEDDED_MODEL, Settings
 
@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="model source (default: the embedded Gemma 3 270M)")
     parser.add_argument("--json", type=Path, default=None, help="where to write the figures")
     args = parser.parse_args(argv)
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
-        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    try:
+        sections = chosen_sections(args.sections, SECTIONS)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     require_peers(sections)
     sizes = dict(QUICK if args.quick else FULL)

@@ -37,6 +37,15 @@ def timed(fn: Callable[[], T]) -> Timed:
     return Timed(value, time.perf_counter() - started)
 
 
+def chosen_sections(text: str, known: Sequence[str]) -> list[str]:
+    """The comma-separated section names in `text`, in order; ValueError naming any unknown one."""
+    sections = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(known))
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return sections
+
+
 def chat_prompt(text: str) -> str:
     """A Gemma chat turn asking for an explanation, so answers run long (no `<bos>`: tokenizers add it)."""
     return f"<start_of_turn>user\n{GENERATE_INSTRUCTION}{text}<end_of_turn>\n<start_of_turn>model\n"

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import attention_flops, embed_texts, flops_per_token, machine, table, timed
+from bench.common import attention_flops, chosen_sections, embed_texts, flops_per_token, machine, table, timed
 from bench.embedding import cosine_min, linear_shapes, run_naive
 from bench.generation import agreement, prompts, run_hf_one_at_a_time, run_ours
 from worker.corpus import stdlib_docstrings
@@ -230,8 +230,7 @@ def batch_sweep(engine: Engine, texts: list[str], sizes: tuple[int, ...] = (64, 
         for _ in range(rounds):
             for size in sizes:
                 engine.max_batch_size = size
-                times[size].append(timed(lambda: engine.embed_tokenized(items)).seconds)
-                sync()
+                times[size].append(timed(lambda: engine.embed_tokenized(items)).seconds)  # returns host arrays: synced
     finally:
         engine.max_batch_size = kept
     return [{"max_batch_size": size, "tokens_per_s": tokens / float(np.median(runs)), "runs": runs}
@@ -463,9 +462,10 @@ def main(argv: list[str] | None = None) -> int:
                              "quantized needs embedding and generation)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    wanted = {name.strip() for name in args.sections.split(",") if name.strip()}
-    if wanted - set(SECTIONS):
-        parser.error(f"unknown sections: {', '.join(sorted(wanted - set(SECTIONS)))}; choose from {', '.join(SECTIONS)}")
+    try:
+        wanted = set(chosen_sections(args.sections, SECTIONS))
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sizes = QUICK if args.quick else FULL
     out = args.json or Path(__file__).parent / "results" / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             section(results, "fresh_inputs", lambda: fresh_inputs(engine, sizes["texts"], sizes["fresh_texts"],
                                                                   sizes["fresh_prompts"]), out)
         if "cold_start" in wanted and engine.device.type == "cuda":
-            section(results, "cold_start", lambda: cold_start(str(path), settings.cache_dir or work / "cache",
+            section(results, "cold_start", lambda: cold_start(str(path), settings.cache_dir,
                                                               sizes["texts"], sizes["prompts"]), out)
         if "quantized" in wanted and not args.no_quantize and engine.device.type == "cuda" and emb and gen:
             vectors = engine.embed(texts, truncate=True).vectors

@@ -86,3 +86,16 @@ def test_sdpa_choice_names_the_backend_attention_picks_for_the_models_heads(engi
     got = sdpa_choice(engine, rows=2, width=16)
     members = set(torch.nn.attention.SDPBackend.__members__)
     assert set(got) == {"causal", "masked"} and set(got.values()) <= members - {"ERROR"}
+
+
+def test_coldprofile_writes_a_profile_of_the_build_and_of_each_call(settings: Settings, tmp_path: Path) -> None:
+    from bench import coldprofile
+
+    model = prepare_model(settings.model, settings.cache_dir).path
+    coldprofile.main([str(model), "--device", "cpu", "--cache-dir", str(settings.cache_dir), "--texts", "4",
+                      "--prompts", "1", "--out", str(tmp_path)])
+    files = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert set(files) == {"build.txt", "embed0.txt", "embed1.txt", "gen0.txt", "gen1.txt"}
+    # each names its part and its seconds, and the profile reaches the engine's own code
+    assert files["build.txt"].startswith("build: ") and "build_engine" in files["build.txt"]
+    assert "embed_pass" in files["embed0.txt"] and "generate_tokenized" in files["gen1.txt"]

@@ -1,6 +1,8 @@
 """The benchmark harness's own logic (the measurements themselves are `make bench`, never tests)."""
 from __future__ import annotations
 
+import pytest
+
 from bench.__main__ import targets
 from bench.common import mixed_length, table
 
@@ -107,3 +109,12 @@ def test_the_generation_table_compares_peers_with_the_exact_path_and_int4_with_l
     # the exact path against llama.cpp (4 / 2 tokens/s), never exact against its own lossy mode
     assert llama.rstrip().endswith("2.00x") and int4.rstrip().endswith("-")
     assert "int4 is 4.00x llama.cpp" in render(r)
+
+
+def test_section_lists_keep_their_order_and_name_what_is_unknown() -> None:
+    from bench.common import chosen_sections
+    from bench.gpu import SECTIONS
+
+    assert chosen_sections(" cold_start,embedding ,", SECTIONS) == ["cold_start", "embedding"]
+    with pytest.raises(ValueError, match="unknown section\\(s\\) bogus; choose from embedding"):
+        chosen_sections("embedding,bogus", SECTIONS)
