@@ -94,7 +94,10 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
     log.info("generation: %d prompts, %d to %d tokens, %d new tokens each", len(items),
              min(len(i.ids) for i in items), max(len(i.ids) for i in items), max_new_tokens)
     engine.generate_tokenized(items[:2], max_new_tokens=4)  # warm both paths' lazy set-up
+    decoder = engine.decoder
+    screened, full = decoder.screened_rows, decoder.unscreened_rows
     ours_tokens, ours_s = run_ours(engine, items, max_new_tokens)
+    screen = {"screened_rows": decoder.screened_rows - screened, "full_rows": decoder.unscreened_rows - full}
     decode = engine.tokenizer.decode
     ours_texts = [decode(t, skip_special_tokens=True) for t in ours_tokens]
     subset = list(range(0, len(items), naive_every))
@@ -106,6 +109,14 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
         "hf_one_at_a_time": {"prompts": len(subset), "tokens": sum(map(len, naive_tokens)), "seconds": naive_s},
         "greedy_agreement": agreement([ours_tokens[i] for i in subset], naive_tokens),
     }
+    if decoder.screen_wanted:  # the same engine with every word of the output layer scored in fp32
+        decoder.screen_wanted = False
+        try:
+            full_tokens, full_s = run_ours(engine, items, max_new_tokens)
+        finally:
+            decoder.screen_wanted = True
+        result["ours_full_head"] = {"tokens": sum(map(len, full_tokens)), "seconds": full_s}
+        result["head_screen"] = {**screen, "agreement_with_full_head": agreement(ours_tokens, full_tokens)}
     if int4 is not None:
         int4.generate_tokenized(items[:2], max_new_tokens=4)
         lossy_tokens, lossy_s = run_ours(int4, items, max_new_tokens)
@@ -116,7 +127,7 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
         outputs, seconds, load_s = run_llama_cpp(gguf, items, max_new_tokens, threads)
         result["llama_cpp"] = {"tokens": sum(c for c, _ in outputs), "seconds": seconds, "load_seconds": load_s,
                                "agreement_with_exact": text_agreement([t for _, t in outputs], ours_texts)}
-    for key in ("ours", "ours_int4", "hf_one_at_a_time", "llama_cpp"):
+    for key in ("ours", "ours_full_head", "ours_int4", "hf_one_at_a_time", "llama_cpp"):
         if key in result:
             result[key]["tokens_per_s"] = result[key]["tokens"] / result[key]["seconds"]
     ours_rate = result["ours"]["tokens_per_s"]
@@ -130,7 +141,8 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
 
 def render(r: dict[str, Any]) -> str:
     rows = [["ours (merged decoder)", r["ours"]["tokens"], r["ours"]["seconds"], r["ours"]["tokens_per_s"], "1.00"]]
-    for key, label in (("ours_int4", "ours, --quantize int4 (lossy)"),
+    for key, label in (("ours_full_head", "ours, --no-head-screen"),
+                       ("ours_int4", "ours, --quantize int4 (lossy)"),
                        ("hf_one_at_a_time", "HF generate, one at a time"),
                        ("llama_cpp", "llama-cpp-python, sequential (Q4_K_M)")):
         if key in r:
@@ -141,6 +153,10 @@ def render(r: dict[str, Any]) -> str:
             rows.append([label, r[key]["tokens"], r[key]["seconds"], rate, ratio])
     a = r["greedy_agreement"]
     lines = [f"greedy tokens identical to HF one-at-a-time: {a['identical']} of {a['of']}"]
+    if "head_screen" in r:
+        h, same = r["head_screen"], r["head_screen"]["agreement_with_full_head"]
+        lines.append(f"head screen: {h['screened_rows']} greedy rows screened, {h['full_rows']} scored in full; "
+                     f"tokens identical to --no-head-screen {same['identical']} of {same['of']}")
     if "int4_ratio_vs_llama_cpp" in r:
         lines.append(f"int4 is {r['int4_ratio_vs_llama_cpp']:.2f}x llama.cpp")
     for key, label in (("ours_int4", "int4"), ("llama_cpp", "llama.cpp")):

@@ -15,11 +15,17 @@ same keys); longer work goes through `generate`. See bench/generation.py for the
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from worker.model import head_screen
+
+log = logging.getLogger(__name__)
 
 # Vocabulary rows per output-layer block when only the best token is needed, on CPU: a block's
 # logits stay in cache and the (rows x 262k) logits matrix is never written out (bench/generation.py
@@ -103,9 +109,10 @@ def fits(config: object, *, width: int, max_new_tokens: int) -> bool:
 
 
 class Decoder:
-    """The prefill → merge → decode loop over one model. Stateless between calls."""
+    """The prefill → merge → decode loop over one model. Stateless between calls, but for the
+    greedy head's int4 screen (built on first use) and its counters."""
 
-    def __init__(self, lm: torch.nn.Module, *, pad_id: int, device: torch.device) -> None:
+    def __init__(self, lm: torch.nn.Module, *, pad_id: int, device: torch.device, screen: bool = True) -> None:
         self.lm = lm
         self.config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self.pad_id = pad_id
@@ -117,6 +124,10 @@ class Decoder:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self._pass_cache_position = "cache_position" in params
         self.vocab_block = VOCAB_BLOCK if device.type == "cpu" else int(self.config.vocab_size)
+        self.screen_wanted = screen and head_screen.applies(self.head, device=device, softcap=self.softcap)
+        self._screen: head_screen.HeadScreen | None = None
+        self.screened_rows = 0  # greedy rows the screen answered
+        self.unscreened_rows = 0  # rows whose margin check sent them to the full fp32 layer
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
                  past: int) -> torch.Tensor:
@@ -134,10 +145,37 @@ class Decoder:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    @property
+    def screen(self) -> head_screen.HeadScreen | None:
+        """The greedy head's int4 screen, built on first use (about 1.5 s on 2 cores), or None where it
+        does not apply or is turned off (`screen_wanted`)."""
+        if not self.screen_wanted:
+            return None
+        if self._screen is None:
+            started = time.monotonic()
+            self._screen = head_screen.HeadScreen(self.head)
+            log.info("greedy head screen built in %.1fs (int4 copy of the output layer, %d candidates re-scored "
+                     "in fp32 per row)", time.monotonic() - started, head_screen.CANDIDATES)
+        return self._screen
+
     def best(self, hidden: torch.Tensor) -> list[int]:
-        """The greedy token per row: the output layer in vocabulary blocks with a running maximum.
-        Same scores as `logits` (each is one dot product over the hidden size), a fraction of the
-        memory traffic; ties go to the lowest token id, as `argmax` breaks them."""
+        """The greedy token per row: through the int4 screen where it applies (worker/model/head_screen.py),
+        rows it cannot vouch for through the full output layer (`best_blocked`)."""
+        screen = self.screen
+        if screen is None:
+            return self.best_blocked(hidden)
+        ids, sure = screen.best(hidden)
+        unsure = (~sure).nonzero().squeeze(1)
+        self.screened_rows += hidden.shape[0] - unsure.numel()
+        if unsure.numel():
+            self.unscreened_rows += unsure.numel()
+            ids[unsure] = torch.tensor(self.best_blocked(hidden[unsure]), dtype=ids.dtype)
+        return ids.tolist()
+
+    def best_blocked(self, hidden: torch.Tensor) -> list[int]:
+        """The greedy token per row from the full output layer, in vocabulary blocks with a running
+        maximum. Same scores as `logits` (each is one dot product over the hidden size), a fraction
+        of the memory traffic; ties go to the lowest token id, as `argmax` breaks them."""
         if not isinstance(self.head, torch.nn.Linear):  # a quantized head: its own kernel, whole
             return self.logits(hidden).argmax(dim=-1).tolist()
         weight, bias = self.head.weight, self.head.bias

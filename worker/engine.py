@@ -87,7 +87,7 @@ class Engine:
     """Gemma behind a narrow interface; one instance per process, used from one thread."""
 
     def __init__(self, model: LoadedModel, *, max_input_tokens: int, token_budget: int,
-                 max_batch_size: int, max_new_tokens: int) -> None:
+                 max_batch_size: int, max_new_tokens: int, head_screen: bool = True) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.device = model.placement.device
@@ -98,7 +98,8 @@ class Engine:
         # Key/value slots (rows x positions) one merged decode batch may hold: 600 MB of cache for
         # this model in fp32 on CPU (see default_decode_tokens).
         self.decode_tokens = default_decode_tokens(self.device)
-        self.decoder = Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device) if model.lm is not None else None
+        self.decoder = (Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device, screen=head_screen)
+                        if model.lm is not None else None)
         self._compiled_forward: Any = None  # set by compile_embedding
         self.batched_decode = True  # False: every batch through `generate` (the unoptimised path, for comparison)
         eos = model.lm.generation_config.eos_token_id if model.lm is not None else self.tokenizer.eos_token_id
@@ -127,7 +128,13 @@ class Engine:
         started = time.monotonic()
         self.embed(["warm up"])
         if self.model.lm is not None:
-            self.generate(["warm up"], max_new_tokens=2)
+            # The greedy head's int4 screen (about 1.5 s to build on 2 cores, 100 MB) is left to the
+            # first real greedy request: a worker that only embeds never builds it.
+            screen, self.decoder.screen_wanted = self.decoder.screen_wanted, False
+            try:
+                self.generate(["warm up"], max_new_tokens=2)
+            finally:
+                self.decoder.screen_wanted = screen
         return time.monotonic() - started
 
     # ---- pre -------------------------------------------------------------------------
@@ -412,7 +419,7 @@ def build_engine(settings: Settings) -> Engine:
     budget = settings.token_budget or default_token_budget(model.placement.device)
     engine = Engine(model, max_input_tokens=settings.max_input_tokens,
                     token_budget=budget, max_batch_size=settings.max_batch_size,
-                    max_new_tokens=settings.max_new_tokens)
+                    max_new_tokens=settings.max_new_tokens, head_screen=settings.head_screen)
     if settings.compile:
         log.info("embedding forward pass compiled in %.1fs", engine.compile_embedding())
     return engine

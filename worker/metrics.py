@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -16,6 +16,7 @@ from schemas.result import GenerateOutput, Result
 
 if TYPE_CHECKING:  # type names only: the module itself needs neither (nor the storage client they import)
     from worker.batcher import BatchStats
+    from worker.decode import Decoder
     from worker.runner import Outcome
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,11 @@ class Metrics:
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
+
+    def watch_head_screen(self, decoder: Decoder) -> None:
+        """Export how the greedy head answered rows: by its int4 screen or by the full output layer
+        (worker/model/head_screen.py), read from the decoder when scraped."""
+        self.registry.register(HeadScreenCollector(decoder))
 
     def watch_gpus(self, nvml: Any | None = None) -> bool:
         """Export GPU utilisation and memory from NVML (`pynvml`, or the module given); False, and no
@@ -133,6 +139,21 @@ def _shutdown_nvml(nvml: Any) -> None:
         nvml.nvmlShutdown()
     except Exception:  # noqa: BLE001 - nothing left to release
         pass
+
+
+class HeadScreenCollector(Collector):
+    """Greedy rows by the path that picked their token, from one decoder's counters."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("gemma_greedy_head_rows", "Greedy decode rows by how the output layer picked "
+                                     "their token: 'screened' (int4 screen, fp32 re-score) or 'full' (every word "
+                                     "in fp32, the screen unsure).", labels=["path"])
+        family.add_metric(["screened"], self.decoder.screened_rows)
+        family.add_metric(["full"], self.decoder.unscreened_rows)
+        yield family
 
 
 class GpuCollector(Collector):

@@ -110,6 +110,8 @@ class Service:
         self.metrics.model_load.set(runtime.load_s)
         if runtime.engine.device.type == "cuda":
             self.metrics.watch_gpus()
+        if runtime.engine.decoder is not None and runtime.engine.decoder.screen_wanted:
+            self.metrics.watch_head_screen(runtime.engine.decoder)
         if self.config.subscription and runtime.runner is not None and not self.stopping.is_set():
             self._start_pull(runtime)
         self.runtime = runtime

@@ -102,13 +102,20 @@ def test_the_generation_table_compares_peers_with_the_exact_path_and_int4_with_l
     r = {"prompts": 2, "prompt_tokens": 10, "max_new_tokens": 4, "threads": 2,
          "ours": row(8, 2.0), "ours_int4": {**row(8, 1.0), "agreement_with_exact": agreement},
          "hf_one_at_a_time": row(8, 8.0), "llama_cpp": {**row(8, 4.0), "agreement_with_exact": agreement},
-         "greedy_agreement": {"identical": 2, "of": 2}, "int4_ratio_vs_llama_cpp": 4.0}
+         "greedy_agreement": {"identical": 2, "of": 2}, "int4_ratio_vs_llama_cpp": 4.0,
+         "ours_full_head": row(8, 3.0),
+         "head_screen": {"screened_rows": 7, "full_rows": 1, "agreement_with_full_head": {"identical": 2, "of": 2}}}
     lines = render(r).splitlines()
     int4 = next(line for line in lines if line.startswith("ours, --quantize int4"))
     llama = next(line for line in lines if line.startswith("llama-cpp-python"))
     # the exact path against llama.cpp (4 / 2 tokens/s), never exact against its own lossy mode
     assert llama.rstrip().endswith("2.00x") and int4.rstrip().endswith("-")
     assert "int4 is 4.00x llama.cpp" in render(r)
+    # the same engine with the full fp32 output layer, and how the screen answered
+    full = next(line for line in lines if line.startswith("ours, --no-head-screen"))
+    assert full.rstrip().endswith("1.50x")
+    assert ("head screen: 7 greedy rows screened, 1 scored in full; tokens identical to --no-head-screen 2 of 2"
+            in render(r))
 
 
 def test_section_lists_keep_their_order_and_name_what_is_unknown() -> None:
@@ -118,3 +125,18 @@ def test_section_lists_keep_their_order_and_name_what_is_unknown() -> None:
     assert chosen_sections(" cold_start,embedding ,", SECTIONS) == ["cold_start", "embedding"]
     with pytest.raises(ValueError, match="unknown section\\(s\\) bogus; choose from embedding"):
         chosen_sections("embedding,bogus", SECTIONS)
+
+
+def test_the_generation_section_times_the_head_screen_against_the_full_layer(engine) -> None:
+    from bench.generation import measure, render
+
+    # Given the real engine, a few prompts and no llama.cpp / When the generation section runs
+    got = measure(engine, n=4, max_new_tokens=8, gguf=None, naive_every=4)
+    # Then the same engine ran again with every word scored in fp32, with the same tokens,
+    screen = got["head_screen"]
+    assert got["ours_full_head"]["tokens"] == got["ours"]["tokens"] and got["ours_full_head"]["seconds"] > 0
+    assert screen["agreement_with_full_head"] == {"identical": 4, "of": 4,
+                                                  "shortest_common_prefix": screen["agreement_with_full_head"]["shortest_common_prefix"]}
+    # and the timed run's greedy rows were counted: one per prompt for the first token, one per step after
+    assert screen["screened_rows"] + screen["full_rows"] >= got["ours"]["tokens"] and screen["screened_rows"] > 0
+    assert engine.decoder.screen_wanted and "ours, --no-head-screen" in render(got)

@@ -203,10 +203,10 @@ def test_the_blocked_greedy_head_picks_what_argmax_over_full_logits_picks(engine
         full = decoder.logits(hidden)
         # Then they agree on every row, in blocks of 4,096 words (CPU) or as one block (a GPU's choice)
         assert decoder.vocab_block == 4096
-        assert decoder.best(hidden) == full.argmax(dim=-1).tolist()
+        assert decoder.best_blocked(hidden) == full.argmax(dim=-1).tolist()
         try:
             decoder.vocab_block = decoder.config.vocab_size
-            assert decoder.best(hidden) == full.argmax(dim=-1).tolist()
+            assert decoder.best_blocked(hidden) == full.argmax(dim=-1).tolist()
         finally:
             decoder.vocab_block = 4096
         # and on a tie between two tokens in different blocks the lower id wins, as with argmax
@@ -216,7 +216,7 @@ def test_the_blocked_greedy_head_picks_what_argmax_over_full_logits_picks(engine
         saved = weight[b].clone()
         try:
             weight[b] = weight[a]
-            assert decoder.best(probe) == decoder.logits(probe).argmax(dim=-1).tolist() == [a]
+            assert decoder.best_blocked(probe) == decoder.logits(probe).argmax(dim=-1).tolist() == [a]
         finally:
             weight[b] = saved
 

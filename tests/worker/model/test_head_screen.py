@@ -1,0 +1,168 @@
+"""The greedy head's int4 screen (worker/model/head_screen.py) on the real model: the tokens it picks
+are the full fp32 output layer's, its errors on real hidden states stay inside the margin it checks,
+rows without a clear winner go to the full layer, and it is built only where and when it is wanted."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from worker.decode import Decoder
+from worker.engine import Engine, Tokenized
+from worker.model import head_screen
+from worker.model.head_screen import HeadScreen
+
+INSTRUCTION = "<start_of_turn>user\nSummarise this documentation:\n\n{}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def _items(engine: Engine, docstrings: list[str], n: int) -> list[Tokenized]:
+    items = engine.tokenize([INSTRUCTION.format(" ".join(d.split())) for d in docstrings[:n]], truncate=True,
+                            what="prompt")
+    return [it for it in items if len(it.ids) <= 300]
+
+
+def _decode_states(decoder: Decoder, rows: list[tuple[int, ...]], steps: int) -> torch.Tensor:
+    """Final hidden states of real greedy decoding: each row's prompt, then `steps` tokens it chose."""
+    states = []
+    original = Decoder.best_blocked
+
+    def keep(self: Decoder, hidden: torch.Tensor) -> list[int]:
+        states.append(hidden.clone())
+        return original(self, hidden)
+
+    wanted, decoder.screen_wanted = decoder.screen_wanted, False
+    Decoder.best_blocked = keep  # type: ignore[method-assign]
+    try:
+        decoder.run(rows, [list(range(len(rows)))], max_new_tokens=steps, choose=None,
+                    finished=lambda row, ids: False)
+    finally:
+        Decoder.best_blocked = original  # type: ignore[method-assign]
+        decoder.screen_wanted = wanted
+    return torch.cat(states)
+
+
+@pytest.fixture(scope="module")
+def states(engine: Engine, docstrings: list[str]) -> torch.Tensor:
+    rows = [it.ids for it in _items(engine, docstrings, 40)][:16]
+    with torch.inference_mode():
+        return _decode_states(engine.decoder, rows, steps=12)
+
+
+def test_screened_greedy_generation_gives_the_full_layers_tokens(engine: Engine, docstrings: list[str]) -> None:
+    # Given 24 real prompts of mixed length
+    items = _items(engine, docstrings, 60)[:24]
+    decoder: Decoder = engine.decoder
+    assert decoder.screen_wanted and decoder.screen is not None
+    # When generated greedily with the screen and with every word scored in fp32
+    before = decoder.screened_rows
+    screened = engine.generate_tokenized(items, max_new_tokens=32)
+    decoder.screen_wanted = False
+    try:
+        full = engine.generate_tokenized(items, max_new_tokens=32)
+    finally:
+        decoder.screen_wanted = True
+    # Then the screen answered most rows, and every output is the same, token for token
+    assert decoder.screened_rows - before > 24 * 16
+    assert [g.token_ids for g in screened] == [g.token_ids for g in full]
+
+
+def test_the_screens_errors_on_real_states_stay_inside_its_margin(engine: Engine, states: torch.Tensor) -> None:
+    # Given real decode states and the screen built from the model's output layer
+    screen: HeadScreen = engine.decoder.screen
+    weight = engine.decoder.head.weight
+    with torch.inference_mode():
+        for chunk in states.split(32):
+            # When every word is scored by the screen and in fp32
+            errors = (screen.scores(chunk) - chunk @ weight.T).abs()
+            norms = torch.linalg.vector_norm(chunk, dim=1, keepdim=True)
+            # Then no word's error reaches the margin: SIGMAS units at its own residual, plus rounding
+            allowed = head_screen.SIGMAS * norms * screen.units + (chunk @ weight.T).abs() * head_screen.ROUNDING
+            assert bool((errors < allowed).all())
+            # yet the screen is no copy of the fp32 layer: errors reach a sizeable part of one unit
+            assert float((errors / (norms * screen.units)).max()) > 1.0
+    # and the unit is what the module says: the largest residual over sqrt(hidden size)
+    assert screen.unit == pytest.approx(float(screen.units.max()))
+    assert 0 < screen.unit < float(torch.linalg.vector_norm(weight.detach(), dim=1).mean()) / math.sqrt(weight.shape[1])
+
+
+def test_every_real_state_gets_the_full_layers_token(engine: Engine, states: torch.Tensor) -> None:
+    # Given real decode states / When the greedy token is taken through the screen and from all logits
+    decoder: Decoder = engine.decoder
+    with torch.inference_mode():
+        ids, sure = decoder.screen.best(states)
+        # Then every row the screen is sure of has the full layer's token, and it is sure of most
+        full = decoder.logits(states).argmax(dim=-1)
+        assert torch.equal(ids[sure], full[sure]) and int(sure.sum()) >= 0.9 * len(states)
+        assert decoder.best(states) == full.tolist()
+
+
+def test_a_row_without_a_clear_winner_is_scored_in_full(engine: Engine) -> None:
+    # Given a hidden state that scores every word the same (zero), and one built to tie two words
+    decoder: Decoder = engine.decoder
+    weight = decoder.head.weight
+    a = 5
+    probe = (weight[a] / weight[a].norm() ** 2).unsqueeze(0)
+    with torch.inference_mode():
+        flat = torch.zeros(1, weight.shape[1])
+        # When the screen is asked for their tokens
+        _, sure = decoder.screen.best(flat)
+        before = decoder.unscreened_rows
+        # Then it is not sure of the flat row, which goes to the full layer: the lowest id, as argmax
+        assert not bool(sure[0])
+        assert decoder.best(flat) == [0] and decoder.unscreened_rows == before + 1
+        # and a tie among candidates goes to the lowest id
+        b = int(decoder.screen.scores(probe).topk(8).indices[0, -1])
+        saved = weight[b].clone()
+        try:
+            weight[b] = weight[a]
+            low = min(a, b)
+            ids, _ = decoder.screen.best(probe)
+            assert int(ids[0]) == low == int(decoder.logits(probe).argmax())
+        finally:
+            weight[b] = saved
+
+
+def test_the_screen_is_built_on_first_greedy_use_and_only_where_it_applies(settings, loaded_model) -> None:
+    # Given a fresh engine over the session's model
+    engine = Engine(loaded_model, max_input_tokens=512, token_budget=1024, max_batch_size=8, max_new_tokens=8)
+    # When it warms up, it has no screen yet (a worker that only embeds never builds one)
+    engine.warm_up()
+    assert engine.decoder.screen_wanted and engine.decoder._screen is None
+    # and the first greedy generation builds it, while sampling does not use it
+    engine.generate(["The sky is"], max_new_tokens=2, temperature=0.7, seed=1)
+    assert engine.decoder.screened_rows == 0
+    engine.generate(["The sky is"], max_new_tokens=2)
+    assert engine.decoder._screen is not None
+    assert engine.decoder.screened_rows + engine.decoder.unscreened_rows == 2
+    # When turned off, no screen is built and greedy rows take the full layer
+    off = Engine(loaded_model, max_input_tokens=512, token_budget=1024, max_batch_size=8, max_new_tokens=8,
+                 head_screen=False)
+    assert off.generate(["The sky is"], max_new_tokens=4)[0].text == engine.generate(["The sky is"], max_new_tokens=4)[0].text
+    assert off.decoder.screen is None and off.decoder.screened_rows == 0
+    # and a head it cannot stand in for (bias, soft-capping, a GPU, a quantized layer) is left alone
+    head = engine.decoder.head
+    assert head_screen.applies(head, device=torch.device("cpu"), softcap=None)
+    assert not head_screen.applies(head, device=torch.device("cpu"), softcap=30.0)
+    assert not head_screen.applies(head, device=torch.device("cuda"), softcap=None)
+    assert not head_screen.applies(torch.nn.Linear(640, 4096, bias=True), device=torch.device("cpu"), softcap=None)
+
+
+def test_the_cli_builds_the_screen_unless_told_not_to(engine: Engine) -> None:
+    # Given one prompt generated greedily through the CLI, with the screen and without it
+    on = run_cli("generate", "The capital of France is", "--max-tokens", "6", "--device", "cpu", "--log-level", "INFO")
+    off = run_cli("generate", "The capital of France is", "--max-tokens", "6", "--device", "cpu", "--log-level", "INFO",
+                  env={"GEMMA_BATCH_HEAD_SCREEN": "false"})
+    assert on.returncode == 0 and off.returncode == 0, (on.stderr, off.stderr)
+    # Then only the first built it, and both print the same text
+    assert "greedy head screen built" in on.stderr and "greedy head screen built" not in off.stderr
+    assert on.stdout == off.stdout
+
+
+def test_reembed_children_keep_the_screen_setting() -> None:
+    from cli import settings_env
+    from worker.settings import Settings
+
+    assert settings_env(Settings(head_screen=False))["GEMMA_BATCH_HEAD_SCREEN"] == "false"
+    assert "GEMMA_BATCH_HEAD_SCREEN" not in settings_env(Settings())
