@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--calls", type=int, default=1, help="how many times to run the work (default 1)")
+    parser.add_argument("--no-head-screen", dest="head_screen", action="store_false",
+                        help="score every word of the output layer in fp32 (worker/model/head_screen.py)")
     parser.add_argument("--spawned-at", type=float, default=None,
                         help="the parent's time.time() just before starting this process")
     args = parser.parse_args(argv)
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     imports_s = time.time() - args.spawned_at if args.spawned_at is not None else None
     started = time.monotonic()
-    options: dict[str, Any] = {"device": args.device, "quantize": args.quantize}
+    options: dict[str, Any] = {"device": args.device, "quantize": args.quantize, "head_screen": args.head_screen}
     if args.model is not None:
         options["model"] = args.model
     if args.cache_dir is not None:
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         calls.append(time.monotonic() - began)
-    result = {"quantize": args.quantize, "work": args.work, "device": engine.device.type,
+    result = {"quantize": args.quantize, "work": args.work, "device": engine.device.type, "head_screen": args.head_screen,
               "imports_s": imports_s, "build_s": built, "load_s": engine.model.load_seconds, "warm_up_s": warm_up_s,
               "spawn_to_ready_s": ready_s, "calls_s": calls,
               "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}

@@ -6,15 +6,17 @@ greedy token only the best word matters, so: score every word with a 4-bit copy 
 fp32 `linear` at decode sizes), take the `CANDIDATES` best, score those again in fp32 from the
 layer's own weights, and keep the best of them. The answer is then the fp32 layer's answer unless
 a word outside the candidates scores higher in fp32 than every candidate, which needs that word's
-screen error to exceed the gap between the best fp32 candidate and the lowest candidate's screen
-score. Each row checks that gap against a margin before its answer is used:
+screen error to exceed the gap between its screen score and the best fp32 candidate. Each row
+checks, before its answer is used, that every word outside the candidates stays below the best
+candidate's fp32 score by more than a margin:
 
-    margin = |lowest screen score| * 2^-8          (the kernel's bf16 output rounding, at most 2^-9)
-           + SIGMAS * ||hidden|| * max_w ||w_int4 - w|| / sqrt(hidden size)
+    screen score + |screen score| * 2^-8           (the kernel's bf16 output rounding, at most 2^-9)
+                 + SIGMAS * ||hidden|| * ||w_int4 - w|| / sqrt(hidden size)   <  best candidate
 
-The second term is SIGMAS times the size a word's error (hidden . (w_int4 - w)) has when the
-quantization residual points in no particular direction relative to the hidden state, taken at the
-largest residual of any word. It is not a worst-case bound (that, ||hidden|| * ||residual||, is
+The last term is SIGMAS times the size a word's error (hidden . (w_int4 - w)) has when its
+quantization residual points in no particular direction relative to the hidden state. A cheap
+check first takes the lowest candidate's screen score and the largest residual of any word; only
+rows that fail it are checked word by word. It is not a worst-case bound (that, ||hidden|| * ||residual||, is
 about 25 times larger and keeps tens of thousands of words as candidates: docs/PERFORMANCE.md);
 measured over the bench's 64 prompts (4,096 decode states x 262,144 words) the largest error was
 5.9 such units at the word's own residual. A row whose gap is below the margin (a flat
