@@ -38,7 +38,8 @@ class EmbedPayload(_Payload):
 class GeneratePayload(_Payload):
     prompt: NonEmptyText
     max_tokens: int = Field(default=128, ge=1, description="Most new tokens to generate.")
-    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, description="0 means greedy.")
+    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False,
+                               description="0 means greedy; otherwise at least 1e-6 (a smaller one would overflow the sampler).")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: list[NonEmptyText] = Field(default_factory=list, max_length=16)
     seed: int | None = None

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # against padding when it decides where one batch ends (measured by `python -m bench --sweep`).
 BATCH_OVERHEAD = 128
 
+# Below this the sampler's logits / temperature overflow to inf (measured: 1e-45 fails, 1e-30 does
+# not); such a temperature is greedy in all but name, so it is refused rather than half-supported.
+MIN_TEMPERATURE = 1e-6
+
 
 @dataclass(frozen=True)
 class Tokenized:
@@ -252,6 +256,9 @@ class Engine:
                             f"max_new_tokens must be from 1 to max_new_tokens={self.max_new_tokens}, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
             raise TaskError(ErrorCode.INVALID_PARAMETER, f"temperature must be a finite number >= 0, got {temperature!r}")
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise TaskError(ErrorCode.INVALID_PARAMETER,
+                            f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}")
         if not isinstance(top_p, (int, float)) or not math.isfinite(top_p) or not 0 < top_p <= 1:
             raise TaskError(ErrorCode.INVALID_PARAMETER, f"top_p must be in (0, 1], got {top_p!r}")
         stops = list(stop or [])

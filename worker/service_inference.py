@@ -21,12 +21,11 @@ from schemas.errors import ErrorCode, TaskError
 from schemas.result import CodeOutput, EmbedOutput, GenerateOutput, GraphOutput, Timings
 from worker.app import Runtime
 from worker.batcher import Timed
+from worker.engine import MIN_TEMPERATURE
 from worker.service_errors import NotSupported
 from worker.tasks import TaskContext, start_task
 
 router = APIRouter(tags=["inference"])
-# Below this the sampler's logits/temperature overflow to inf; such a temperature is greedy in all but name.
-MIN_TEMPERATURE = 1e-6
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": text} for status, text in (

@@ -105,6 +105,7 @@ def test_over_long_input_is_refused_or_truncated_by_request(engine: Engine, docs
         (lambda e: e.generate(["a"], max_new_tokens=10**6), ErrorCode.MAX_TOKENS_OUT_OF_RANGE, "max_new_tokens=1024"),
         (lambda e: e.generate(["a"], temperature=-0.1), ErrorCode.INVALID_PARAMETER, "temperature"),
         (lambda e: e.generate(["a"], temperature=float("nan")), ErrorCode.INVALID_PARAMETER, "temperature"),
+        (lambda e: e.generate(["a"], temperature=1e-45), ErrorCode.INVALID_PARAMETER, "0 (greedy) or at least 1e-06"),
         (lambda e: e.generate(["a"], top_p=0), ErrorCode.INVALID_PARAMETER, "top_p"),
         (lambda e: e.generate([]), ErrorCode.EMPTY_INPUT, "at least one"),
         (lambda e: e.generate([" "]), ErrorCode.EMPTY_INPUT, "prompt 0 is empty"),

@@ -41,7 +41,8 @@ def applies(head: torch.nn.Module, *, device: torch.device, softcap: float | Non
     """Whether a screen can stand in for this output layer (see the module docstring)."""
     return (device.type == "cpu" and type(head) is torch.nn.Linear and head.bias is None and softcap is None
             and head.weight.dtype == torch.float32 and int4.supported(head)
-            and head.weight.shape[0] > CANDIDATES and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+            and head.weight.shape[0] > CANDIDATES and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
 
 
 class HeadScreen:

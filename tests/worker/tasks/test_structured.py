@@ -147,3 +147,20 @@ def test_generate_with_a_response_schema_and_with_a_malformed_one(ctx: TaskConte
     assert "objekt" in bad.error.message and not bad.error.retryable and bad.timings.inference_ms is None
     assert short.status is ResultStatus.ERROR and short.error.code == ErrorCode.OUTPUT_TRUNCATED
     assert "max_tokens=3" in short.error.message
+
+
+def test_a_temperature_the_sampler_cannot_divide_by_is_an_error_result_alone(ctx: TaskContext, tmp_path: Path) -> None:
+    # Given a task whose temperature underflows the sampler (1e-45: logits / temperature are inf),
+    # sent with a sampled task beside it, as the pull worker sends them (not through the HTTP edge)
+    prompt = "The capital of France is"
+    envelopes = [
+        {"task_id": "tiny", "kind": "generate", "payload": {"prompt": prompt, "max_tokens": 4, "temperature": 1e-45}},
+        {"task_id": "fine", "kind": "generate",
+         "payload": {"prompt": prompt, "max_tokens": 4, "temperature": 0.7, "seed": 3}},
+    ]
+    # When run
+    tiny, fine = run_envelopes(ctx, tmp_path, envelopes)
+    # Then the first is a clear, final error naming the smallest temperature taken, and the other is answered
+    assert tiny.status is ResultStatus.ERROR and tiny.error.code == ErrorCode.INVALID_PARAMETER
+    assert "0 (greedy) or at least 1e-06" in tiny.error.message and not tiny.error.retryable
+    assert fine.status is ResultStatus.OK and isinstance(fine.output, GenerateOutput) and fine.output.text
