@@ -53,8 +53,9 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="On CPU, pick greedy tokens by scoring the vocabulary with a 4-bit copy of the output "
                           "layer and re-scoring the best 256 words in fp32; a row without a clear winner is "
                           "scored in full. Same tokens as the full fp32 layer on every measured prompt; greedy "
-                          "generation 1.25x in the bench, about 1.5 s and 105 MB to build on the first greedy "
-                          "request (docs/PERFORMANCE.md). Default: on; off scores every word in fp32."),
+                          "generation 1.25x in the bench; about 1.5 s and 105 MB to build, once greedy work has "
+                          "spent as long in the full layer (docs/PERFORMANCE.md). Default: on; off scores every "
+                          "word in fp32."),
         click.option("--log-level", default="WARNING", show_default=True, envvar="GEMMA_BATCH_LOG_LEVEL",
                      type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
     ]

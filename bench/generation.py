@@ -95,6 +95,7 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
              min(len(i.ids) for i in items), max(len(i.ids) for i in items), max_new_tokens)
     engine.generate_tokenized(items[:2], max_new_tokens=4)  # warm both paths' lazy set-up
     decoder = engine.decoder
+    decoder.ensure_screen()  # a worker builds it once, early in its greedy work: time the steady state
     screened, full = decoder.screened_rows, decoder.unscreened_rows
     ours_tokens, ours_s = run_ours(engine, items, max_new_tokens)
     screen = {"screened_rows": decoder.screened_rows - screened, "full_rows": decoder.unscreened_rows - full}

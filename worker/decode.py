@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 # launches per decode step where launches, not memory traffic, set the pace (`bench.gpu` times both).
 VOCAB_BLOCK = 4096
 
+# Build the greedy head's int4 screen once the full output layer has taken this long in greedy
+# rows, about what building the screen takes on 2 cores: a short call (one CLI prompt of a few
+# tokens) never pays for a screen it would not earn back, and a long one pays at most twice.
+SCREEN_AFTER_S = 1.5
+
 # Shrink the decode batch (copying the cache) only once this share of its rows has finished:
 # copying on every finished row would cost more than the steps it saves.
 COMPACT_BELOW = 0.75
@@ -110,7 +115,7 @@ def fits(config: object, *, width: int, max_new_tokens: int) -> bool:
 
 class Decoder:
     """The prefill → merge → decode loop over one model. Stateless between calls, but for the
-    greedy head's int4 screen (built on first use) and its counters."""
+    greedy head's int4 screen (built once greedy work has earned it) and its counters."""
 
     def __init__(self, lm: torch.nn.Module, *, pad_id: int, device: torch.device, screen: bool = True) -> None:
         self.lm = lm
@@ -128,6 +133,9 @@ class Decoder:
         self._screen: head_screen.HeadScreen | None = None
         self.screened_rows = 0  # greedy rows the screen answered
         self.unscreened_rows = 0  # rows whose margin check sent them to the full fp32 layer
+        self.full_layer_s = 0.0  # time greedy rows spent in the full layer before the screen was built
+        log.info("greedy head: %s", f"int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s"
+                 if self.screen_wanted else "full output layer")
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
                  past: int) -> torch.Tensor:
@@ -147,23 +155,31 @@ class Decoder:
 
     @property
     def screen(self) -> head_screen.HeadScreen | None:
-        """The greedy head's int4 screen, built on first use (about 1.5 s on 2 cores), or None where it
-        does not apply or is turned off (`screen_wanted`)."""
-        if not self.screen_wanted:
-            return None
-        if self._screen is None:
+        """The greedy head's int4 screen if it is built and turned on (`screen_wanted`), else None."""
+        return self._screen if self.screen_wanted else None
+
+    def ensure_screen(self) -> head_screen.HeadScreen | None:
+        """Build the screen now if it applies and is turned on (about 1.5 s on 2 cores, 105 MB)."""
+        if self.screen_wanted and self._screen is None:
             started = time.monotonic()
             self._screen = head_screen.HeadScreen(self.head)
             log.info("greedy head screen built in %.1fs (int4 copy of the output layer, %d candidates re-scored "
                      "in fp32 per row)", time.monotonic() - started, head_screen.CANDIDATES)
-        return self._screen
+        return self.screen
 
     def best(self, hidden: torch.Tensor) -> list[int]:
         """The greedy token per row: through the int4 screen where it applies (worker/model/head_screen.py),
-        rows it cannot vouch for through the full output layer (`best_blocked`)."""
+        rows it cannot vouch for through the full output layer (`best_blocked`). The screen is built
+        once the full layer has taken `SCREEN_AFTER_S` in greedy rows."""
         screen = self.screen
+        if screen is None and self.screen_wanted and self.full_layer_s >= SCREEN_AFTER_S:
+            screen = self.ensure_screen()
         if screen is None:
-            return self.best_blocked(hidden)
+            started = time.monotonic()
+            out = self.best_blocked(hidden)
+            if self.screen_wanted:
+                self.full_layer_s += time.monotonic() - started
+            return out
         ids, sure = screen.best(hidden)
         unsure = (~sure).nonzero().squeeze(1)
         self.screened_rows += hidden.shape[0] - unsure.numel()

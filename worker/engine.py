@@ -132,13 +132,8 @@ class Engine:
         started = time.monotonic()
         self.embed(["warm up"])
         if self.model.lm is not None:
-            # The greedy head's int4 screen (about 1.5 s to build on 2 cores, 100 MB) is left to the
-            # first real greedy request: a worker that only embeds never builds it.
-            screen, self.decoder.screen_wanted = self.decoder.screen_wanted, False
-            try:
-                self.generate(["warm up"], max_new_tokens=2)
-            finally:
-                self.decoder.screen_wanted = screen
+            # (the greedy head's int4 screen is built later, once greedy work has earned it: decode.SCREEN_AFTER_S)
+            self.generate(["warm up"], max_new_tokens=2)
         return time.monotonic() - started
 
     # ---- pre -------------------------------------------------------------------------

@@ -225,8 +225,11 @@ def test_malformed_push_envelopes_answer_400(http: httpx.Client, results_dir: Pa
     assert result["status"] == "error" and result["task_id"] == "push-garbled"
 
 
-def test_metrics_cover_requests_batches_tokens_errors_and_load(http: httpx.Client) -> None:
-    # Given one good request and one refused for a bad parameter
+def test_metrics_cover_requests_batches_tokens_errors_and_load(http: httpx.Client, runtime: Runtime) -> None:
+    # Given one good request and one refused for a bad parameter (the greedy head's screen built)
+    runtime.engine.decoder.ensure_screen()
+    rows = _metric(http, "gemma_greedy_head_rows_total", path="screened") + _metric(
+        http, "gemma_greedy_head_rows_total", path="full")
     assert http.post("/generate", json={"prompt": "Hello", "max_tokens": 2}).status_code == 200
     assert http.post("/embed", json={"texts": ["x"], "dims": 0}).status_code == 422
     # When the metrics are scraped
@@ -238,8 +241,9 @@ def test_metrics_cover_requests_batches_tokens_errors_and_load(http: httpx.Clien
     assert _metric(http, "gemma_tokens_in_total", kind="generate") >= 1
     assert _metric(http, "gemma_tokens_out_total") >= 1
     assert _metric(http, "gemma_errors_total", code="invalid_parameter") >= 1
-    # and the greedy rows the output layer's int4 screen answered (CPU)
-    assert _metric(http, "gemma_greedy_head_rows_total", path="screened") >= 1
+    # and the request's two greedy rows, answered by the output layer's int4 screen or in full (CPU)
+    assert _metric(http, "gemma_greedy_head_rows_total", path="screened") + _metric(
+        http, "gemma_greedy_head_rows_total", path="full") >= rows + 2
     assert "gemma_model_load_seconds" in text and "gemma_queue_depth" in text
 
 

@@ -54,7 +54,7 @@ def test_screened_greedy_generation_gives_the_full_layers_tokens(engine: Engine,
     # Given 24 real prompts of mixed length
     items = _items(engine, docstrings, 60)[:24]
     decoder: Decoder = engine.decoder
-    assert decoder.screen_wanted and decoder.screen is not None
+    assert decoder.screen_wanted and decoder.ensure_screen() is not None
     # When generated greedily with the screen and with every word scored in fp32
     before = decoder.screened_rows
     screened = engine.generate_tokenized(items, max_new_tokens=32)
@@ -70,7 +70,7 @@ def test_screened_greedy_generation_gives_the_full_layers_tokens(engine: Engine,
 
 def test_the_screens_errors_on_real_states_stay_inside_its_margin(engine: Engine, states: torch.Tensor) -> None:
     # Given real decode states and the screen built from the model's output layer
-    screen: HeadScreen = engine.decoder.screen
+    screen: HeadScreen = engine.decoder.ensure_screen()
     weight = engine.decoder.head.weight
     with torch.inference_mode():
         for chunk in states.split(32):
@@ -91,7 +91,7 @@ def test_every_real_state_gets_the_full_layers_token(engine: Engine, states: tor
     # Given real decode states / When the greedy token is taken through the screen and from all logits
     decoder: Decoder = engine.decoder
     with torch.inference_mode():
-        ids, sure = decoder.screen.best(states)
+        ids, sure = decoder.ensure_screen().best(states)
         # Then every row the screen is sure of has the full layer's token, and it is sure of most
         full = decoder.logits(states).argmax(dim=-1)
         assert torch.equal(ids[sure], full[sure]) and int(sure.sum()) >= 0.9 * len(states)
@@ -107,7 +107,7 @@ def test_a_row_without_a_clear_winner_is_scored_in_full(engine: Engine) -> None:
     with torch.inference_mode():
         flat = torch.zeros(1, weight.shape[1])
         # When the screen is asked for their tokens
-        _, sure = decoder.screen.best(flat)
+        _, sure = decoder.ensure_screen().best(flat)
         before = decoder.unscreened_rows
         # Then it is not sure of the flat row, which goes to the full layer: the lowest id, as argmax
         assert not bool(sure[0])
@@ -124,15 +124,22 @@ def test_a_row_without_a_clear_winner_is_scored_in_full(engine: Engine) -> None:
             weight[b] = saved
 
 
-def test_the_screen_is_built_on_first_greedy_use_and_only_where_it_applies(settings, loaded_model) -> None:
+def test_the_screen_is_built_once_greedy_work_has_earned_it_and_only_where_it_applies(
+        loaded_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import decode
+
     # Given a fresh engine over the session's model
     engine = Engine(loaded_model, max_input_tokens=512, token_budget=1024, max_batch_size=8, max_new_tokens=8)
-    # When it warms up, it has no screen yet (a worker that only embeds never builds one)
+    # When it warms up and answers a short greedy prompt, it has no screen: the full layer's time
+    # (counted) is far from what building one costs; sampled rows are not counted at all
     engine.warm_up()
-    assert engine.decoder.screen_wanted and engine.decoder._screen is None
-    # and the first greedy generation builds it, while sampling does not use it
+    engine.generate(["The sky is"], max_new_tokens=4)
+    spent = engine.decoder.full_layer_s
     engine.generate(["The sky is"], max_new_tokens=2, temperature=0.7, seed=1)
-    assert engine.decoder.screened_rows == 0
+    assert engine.decoder.screen_wanted and engine.decoder._screen is None
+    assert 0 < spent == engine.decoder.full_layer_s < decode.SCREEN_AFTER_S
+    # and once the full layer has taken SCREEN_AFTER_S, the next greedy row builds and uses it
+    monkeypatch.setattr(decode, "SCREEN_AFTER_S", spent)
     engine.generate(["The sky is"], max_new_tokens=2)
     assert engine.decoder._screen is not None
     assert engine.decoder.screened_rows + engine.decoder.unscreened_rows == 2
@@ -140,7 +147,7 @@ def test_the_screen_is_built_on_first_greedy_use_and_only_where_it_applies(setti
     off = Engine(loaded_model, max_input_tokens=512, token_budget=1024, max_batch_size=8, max_new_tokens=8,
                  head_screen=False)
     assert off.generate(["The sky is"], max_new_tokens=4)[0].text == engine.generate(["The sky is"], max_new_tokens=4)[0].text
-    assert off.decoder.screen is None and off.decoder.screened_rows == 0
+    assert off.decoder.ensure_screen() is None and off.decoder.screened_rows == 0 and off.decoder.full_layer_s == 0
     # and a head it cannot stand in for (bias, soft-capping, a GPU, a quantized layer) is left alone
     head = engine.decoder.head
     assert head_screen.applies(head, device=torch.device("cpu"), softcap=None)
@@ -149,14 +156,16 @@ def test_the_screen_is_built_on_first_greedy_use_and_only_where_it_applies(setti
     assert not head_screen.applies(torch.nn.Linear(640, 4096, bias=True), device=torch.device("cpu"), softcap=None)
 
 
-def test_the_cli_builds_the_screen_unless_told_not_to(engine: Engine) -> None:
+def test_the_cli_turns_the_screen_on_unless_told_not_to(engine: Engine) -> None:
     # Given one prompt generated greedily through the CLI, with the screen and without it
     on = run_cli("generate", "The capital of France is", "--max-tokens", "6", "--device", "cpu", "--log-level", "INFO")
     off = run_cli("generate", "The capital of France is", "--max-tokens", "6", "--device", "cpu", "--log-level", "INFO",
                   env={"GEMMA_BATCH_HEAD_SCREEN": "false"})
     assert on.returncode == 0 and off.returncode == 0, (on.stderr, off.stderr)
-    # Then only the first built it, and both print the same text
-    assert "greedy head screen built" in on.stderr and "greedy head screen built" not in off.stderr
+    # Then the first has the screen on, to be built once greedy work earns it (six tokens do not),
+    # the second the full layer only, and both print the same text
+    assert "greedy head: int4 screen" in on.stderr and "greedy head screen built" not in on.stderr
+    assert "greedy head: full output layer" in off.stderr
     assert on.stdout == off.stdout
 
 
