@@ -21,7 +21,6 @@ from schemas.errors import ErrorCode, TaskError
 from schemas.result import CodeOutput, EmbedOutput, GenerateOutput, GraphOutput, Timings
 from worker.app import Runtime
 from worker.batcher import Timed
-from worker.engine import MIN_TEMPERATURE
 from worker.service_errors import NotSupported
 from worker.tasks import TaskContext, start_task
 
@@ -76,13 +75,11 @@ def check_edge_limits(request: Request, task: AnyTask) -> None:
     if max_tokens is not None and max_tokens > limits.max_tokens:
         raise TaskError(ErrorCode.MAX_TOKENS_OUT_OF_RANGE,
                         f"max_tokens={max_tokens} is over this service's limit max_tokens={limits.max_tokens}")
-    if isinstance(p, GeneratePayload):
-        if 0 < p.temperature < MIN_TEMPERATURE:
-            raise TaskError(ErrorCode.INVALID_PARAMETER, f"temperature must be 0 (greedy) or at least "
-                                                         f"{MIN_TEMPERATURE}, got {p.temperature!r}")
-        if getattr(p, "response_schema", None) is not None and not _takes_response_schema(runtime):
-            raise NotSupported("response_schema (JSON-constrained output) is not supported by this service's "
-                               "engine yet; omit it and ask for JSON in the prompt instead")
+    # (a temperature the sampler cannot divide by is the engine's to refuse: check_generate_args)
+    if isinstance(p, GeneratePayload) and getattr(p, "response_schema", None) is not None \
+            and not _takes_response_schema(runtime):
+        raise NotSupported("response_schema (JSON-constrained output) is not supported by this service's "
+                           "engine yet; omit it and ask for JSON in the prompt instead")
 
 
 def _takes_response_schema(runtime: Runtime) -> bool:

@@ -247,6 +247,15 @@ def test_metrics_cover_requests_batches_tokens_errors_and_load(http: httpx.Clien
     assert "gemma_model_load_seconds" in text and "gemma_queue_depth" in text
 
 
+def test_a_temperature_the_sampler_cannot_divide_by_is_a_422_naming_the_smallest(http: httpx.Client) -> None:
+    # Given a request whose temperature is above 0 but under the smallest the sampler takes
+    answer = http.post("/generate", json={"prompt": "Hello", "max_tokens": 2, "temperature": 1e-45})
+    # Then it is refused as a bad parameter, and the service still answers the next request
+    assert answer.status_code == 422, answer.text
+    assert "0 (greedy) or at least 1e-06" in answer.text and "invalid_parameter" in answer.text
+    assert http.post("/generate", json={"prompt": "Hello", "max_tokens": 2, "temperature": 1e-6, "seed": 1}).status_code == 200
+
+
 def test_request_ids_are_echoed_and_logged_as_json(http: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
     # Given a caller's request id, and a request without one
     caplog.set_level(logging.INFO, logger="worker.http")
