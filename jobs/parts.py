@@ -78,6 +78,16 @@ def chunk_start(name: str) -> int:
     return int(name.rsplit("-", 1)[1].removesuffix(".parquet"))
 
 
+def chunk_shard(name: str) -> int:
+    """The shard a chunk belongs to, from its name."""
+    return int(name.rsplit("/", 1)[1].split("-")[1])
+
+
+def record_shard(name: str) -> int:
+    """The shard a plan or shard-count record is about, from its name."""
+    return int(name.rsplit("-", 1)[1].removesuffix(".json"))
+
+
 @dataclass(frozen=True)
 class Rows:
     """Rows of one shard or chunk, in id order; vectors are (n, dims) float32."""

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TextIO
 
-from jobs.parts import RunLayout, chunk_start
+from jobs.parts import RunLayout, chunk_shard, chunk_start, record_shard
 from worker.store import Store
 
 
 @dataclass(frozen=True)
 class RunCounts:
-    done: int  # rows whose chunk checkpoint exists
+    done: int  # rows of written shards, and rows whose chunk checkpoint exists
     total: int | None  # None until every task has planned its shard
     shards_done: int
 
@@ -26,15 +26,22 @@ class RunCounts:
 def run_counts(store: Store, *, run_id: str, task_count: int) -> RunCounts:
     layout = RunLayout(run_id)
     plans = {name: json.loads(store.get(name) or b"{}") for name in store.list(layout.plans_prefix)}
-    rows = {int(name.rsplit("-", 1)[1].removesuffix(".json")): p.get("rows", 0) for name, p in plans.items()}
+    rows = {record_shard(name): p.get("rows", 0) for name, p in plans.items()}
     chunk_rows = next((p["chunk_rows"] for p in plans.values() if "chunk_rows" in p), 1)
-    done = 0
+    finished = shards_written(store, layout)
+    done = sum(rows.get(index, 0) for index in finished)  # a written shard's chunks are deleted
     for name in store.list(layout.chunks_prefix):
-        index = int(name.rsplit("/", 1)[1].split("-")[1])
-        start = chunk_start(name)
-        done += max(0, min(start + chunk_rows, rows.get(index, start + chunk_rows)) - start)
+        index = chunk_shard(name)
+        if index not in finished:
+            start = chunk_start(name)
+            done += max(0, min(start + chunk_rows, rows.get(index, start + chunk_rows)) - start)
     total = sum(rows.values()) if len(rows) >= task_count else None
-    return RunCounts(done=done, total=total, shards_done=sum(1 for _ in store.list(layout.shard_stats_prefix)))
+    return RunCounts(done=done, total=total, shards_done=len(finished))
+
+
+def shards_written(store: Store, layout: RunLayout) -> set[int]:
+    """Indexes of the shards whose counts are written (their part follows; their chunks go)."""
+    return {record_shard(name) for name in store.list(layout.shard_stats_prefix)}
 
 
 class RateMeter:

@@ -3,8 +3,9 @@
 A task reads every node file, keeps the nodes whose id hashes to its index, sorts them by id,
 and walks the sorted shard in fixed row ranges ("chunks"). Each chunk is embedded (or reused
 from the previous run) and written create-only, so a retried or killed task resumes at the first
-missing chunk and ends with the same bytes an uninterrupted run would. The finished shard, its
-counts, and (for whichever task finishes last) the manifest and `latest` follow.
+missing chunk and ends with the same bytes an uninterrupted run would. The finished shard and its
+counts follow, the shard's chunks are deleted, and (for whichever task finishes last) the
+manifest and `latest` are written.
 """
 from __future__ import annotations
 
@@ -155,6 +156,7 @@ def run_task(config: JobConfig, task: TaskEnv, *, engine_factory: Callable[[], E
     resumed = _embed_chunks(out, layout, spec, task=task, nodes=nodes, engine=engine, budget=budget,
                             progress_interval_s=config.progress_interval_s)
     stats = _write_shard(out, layout, spec, index=task.index, nodes=nodes, invalid=mine, input_lines=read.lines)
+    drop_checkpoints(out, layout, task.index)
     manifest = finalise(out, spec)
     return TaskSummary(run_id=layout.run_id, index=task.index, attempt=task.attempt, rows=stats["rows"],
                        reused=stats["reused"], embedded=stats["embedded"],
@@ -178,10 +180,24 @@ def _finish_done_shard(out: Store, layout: RunLayout, task: TaskEnv) -> TaskSumm
     """A retry after the shard was written: only the finalising may be left to do."""
     spec = RunSpec(**json.loads(out.get(layout.spec) or b"{}"))
     stats = json.loads(out.get(layout.shard_stats(task.index)) or b"{}")
+    drop_checkpoints(out, layout, task.index)  # an attempt that died between the part and the cleanup
     manifest = finalise(out, spec)
     return TaskSummary(run_id=layout.run_id, index=task.index, attempt=task.attempt, rows=stats["rows"],
                        reused=stats["reused"], embedded=stats["embedded"], chunks=0, chunks_resumed=0,
                        invalid=stats["invalid_count"], finalised=manifest is not None)
+
+
+def drop_checkpoints(out: Store, layout: RunLayout, index: int) -> int:
+    """Delete a written shard's checkpoint chunks (its part holds the same rows); returns how many
+    went. Best effort: a chunk that cannot be deleted now costs only storage, so the failure is
+    logged and the task goes on (a later attempt of the task deletes what is left)."""
+    removed = 0
+    try:
+        for name in out.list(layout.chunk_prefix(index)):
+            removed += out.delete(name)
+    except TaskError as exc:
+        log.warning("left checkpoints of shard %d of run %s in place: %s", index, layout.run_id, exc.message)
+    return removed
 
 
 def _embed_chunks(out: Store, layout: RunLayout, spec: RunSpec, *, task: TaskEnv, nodes: list[Node], engine: Engine,

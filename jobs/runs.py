@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from jobs.errors import JobError
-from jobs.parts import LATEST, Rows, RunLayout, concat_rows, decode_rows
+from jobs.parts import LATEST, Rows, RunLayout, chunk_shard, concat_rows, decode_rows, record_shard
+from jobs.progress import shards_written
 from worker.store import Store
 
 log = logging.getLogger(__name__)
@@ -168,8 +169,12 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
     if raw is None:
         raise JobError("run_not_found", f"no run {run_id} at {store.uri(layout.spec)}; `reembed-status` lists latest")
     spec = json.loads(raw)
-    plans = [json.loads(store.get(n) or b"{}") for n in store.list(layout.plans_prefix)]
-    return {"run_id": run_id, "spec": spec, "shards_planned": len(plans), "rows_planned": sum(p.get("rows", 0)
-            for p in plans), "chunks_done": sum(1 for _ in store.list(layout.chunks_prefix)),
-            "shards_done": sum(1 for _ in store.list(layout.shard_stats_prefix)),
-            "manifest": read_manifest(store, run_id)}
+    plans = {record_shard(n): json.loads(store.get(n) or b"{}")
+             for n in store.list(layout.plans_prefix)}
+    written = shards_written(store, layout)
+    # A written shard's chunks are deleted: count them from its plan
+    chunks = sum(-(-p.get("rows", 0) // max(p.get("chunk_rows", 1), 1)) for i, p in plans.items() if i in written)
+    chunks += sum(1 for n in store.list(layout.chunks_prefix) if chunk_shard(n) not in written)
+    return {"run_id": run_id, "spec": spec, "shards_planned": len(plans),
+            "rows_planned": sum(p.get("rows", 0) for p in plans.values()), "chunks_done": chunks,
+            "shards_done": len(written), "manifest": read_manifest(store, run_id)}

@@ -90,6 +90,11 @@ class Store(ABC):
         """Names (relative to the store root) that start with prefix, in sorted order."""
 
     @abstractmethod
+    def delete(self, name: str) -> bool:
+        """Remove name if it exists. True: this call removed it; False: it was not there. For a run's
+        own scratch objects (the re-embedding job's checkpoints), never for results."""
+
+    @abstractmethod
     def uri(self, name: str) -> str:
         """Where name lives, for messages and logs."""
 
@@ -178,6 +183,16 @@ class GCSStore(Store):
         names = self._call("list", prefix, lambda: [b.name[skip:] for b in self._client.list_blobs(
             self._bucket, prefix=full, retry=self._retry, timeout=self._timeout)])
         return iter(sorted(names))
+
+    def delete(self, name: str) -> bool:
+        blob = self._bucket.blob(self._full(check_name(name)))
+        try:
+            # A retry after a lost response finds the object gone: NotFound, reported as not removed here.
+            self._call("delete", name, lambda: blob.delete(retry=self._retry, timeout=self._timeout),
+                       expected=(NotFound,))
+        except NotFound:
+            return False
+        return True
 
     def _call(self, op: str, name: str, fn: Callable[[], T], *, expected: tuple[type[Exception], ...] = ()) -> T:
         """Run one client call; any failure but `expected` becomes a retryable STORAGE_UNAVAILABLE."""
@@ -271,6 +286,16 @@ class LocalStore(Store):
             names += [n for f in filenames if not f.startswith(".")
                       and (n := f if rel == "." else f"{rel}/{f}").startswith(prefix)]
         return iter(sorted(names))
+
+    def delete(self, name: str) -> bool:
+        path = self._path(name)
+        with self._os_errors("delete", name), self._locked(exclusive=True):
+            try:
+                path.unlink()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return False
+            self.root.joinpath(_META_DIR, "generations", *name.split("/")).unlink(missing_ok=True)
+            return True
 
     def _link_new(self, path: Path, data: bytes) -> bool:
         tmp = self._write_temp(path.parent, data)

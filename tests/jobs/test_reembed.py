@@ -140,8 +140,10 @@ def test_readers_of_latest_only_ever_see_runs_with_a_manifest(engine: Engine, gc
     try:
         # When only one of two tasks has finished
         run_task(config, TaskEnv(index=0, count=2), engine_factory=lambda: engine, client=gcs_client)
-        # Then there is no manifest and `latest` does not exist yet
+        # Then there is no manifest and `latest` does not exist yet, and the written shard's
+        # checkpoints are deleted
         assert read_latest(store) is None and read_manifest(store, "night-1") is None
+        assert store.exists("night-1/part-00000.parquet") and list(store.list("night-1/_chunks/")) == []
         # When the second task finishes, then a second run (all reused), then the first run finalises again
         last = run_task(config, TaskEnv(index=1, count=2), engine_factory=lambda: engine, client=gcs_client)
         second = run_all_tasks(JobConfig(nodes=config.nodes, out=out, run_id="night-2"), tasks=2, engine=engine,
@@ -155,4 +157,5 @@ def test_readers_of_latest_only_ever_see_runs_with_a_manifest(engine: Engine, gc
     assert last.finalised and sum(s.reused for s in second) == 24 and sum(s.embedded for s in second) == 0
     assert again == read_manifest(store, "night-1")
     assert read_latest(store)["run_id"] == "night-2" and broken == []
+    assert list(store.list("night-1/_chunks/")) == list(store.list("night-2/_chunks/")) == []
     assert seen and seen == sorted(seen)

@@ -14,7 +14,8 @@ import pytest
 
 from jobs.errors import JobError
 from jobs.reembed import JobConfig, TaskEnv, run_task
-from jobs.runs import read_manifest
+from jobs.progress import RunCounts, run_counts
+from jobs.runs import read_manifest, run_status
 from tests.conftest import REPO
 from tests.jobs.helpers import corpus_nodes, without_timing, write_nodes
 from worker.engine import Engine
@@ -64,6 +65,8 @@ def test_task_killed_mid_shard_resumes_on_the_next_attempt_to_an_identical_run(e
     got = read_manifest(LocalStore(tmp_path / "out"), "nightly-abc12")
     want = read_manifest(LocalStore(tmp_path / "baseline"), "nightly-abc12")
     assert without_timing(got) == without_timing(want) and got["node_count"] == 24
+    # And the finished shard's checkpoints are gone (its part holds their rows)
+    assert not any(chunks.glob("*.parquet"))
 
 
 def test_task_out_of_time_checkpoints_and_exits_then_a_retry_finishes(engine: Engine, tmp_path: Path) -> None:
@@ -77,6 +80,8 @@ def test_task_out_of_time_checkpoints_and_exits_then_a_retry_finishes(engine: En
     # Then it wrote one checkpoint (every attempt makes progress) and stopped with a retryable error
     assert stopped.value.code == "time_budget_exhausted" and stopped.value.retryable
     assert len(list((tmp_path / "out" / "r" / "_chunks").glob("*.parquet"))) == 1
+    store = LocalStore(tmp_path / "out")
+    assert run_counts(store, run_id="r", task_count=1) == RunCounts(done=4, total=16, shards_done=0)
     # When the retry runs with time to spare, next to an uninterrupted run
     resumed = run_task(dataclasses.replace(config, task_timeout_s=None), TaskEnv(attempt=1),
                        engine_factory=lambda: engine)
@@ -86,3 +91,23 @@ def test_task_out_of_time_checkpoints_and_exits_then_a_retry_finishes(engine: En
     assert (resumed.chunks_resumed, resumed.embedded, resumed.finalised) == (1, 16, True)
     assert without_timing(read_manifest(LocalStore(tmp_path / "out"), "r")) == without_timing(
         read_manifest(LocalStore(tmp_path / "baseline"), "r"))
+    # And its checkpoints were deleted once the part existed, while progress still counts every row
+    assert list(store.list("r/_chunks/")) == []
+    assert run_counts(store, run_id="r", task_count=1) == RunCounts(done=16, total=16, shards_done=1)
+    assert run_status(store, "r")["chunks_done"] == 4
+
+
+def test_a_retry_after_the_shard_was_written_deletes_checkpoints_left_behind(engine: Engine, tmp_path: Path) -> None:
+    # Given a finished one-task run, and a checkpoint left behind as if the attempt that wrote the
+    # part had died before deleting its chunks
+    nodes = write_nodes(tmp_path / "nodes", corpus_nodes(8))
+    config = JobConfig(nodes=str(nodes), out=str(tmp_path / "out"), run_id="r", previous="none", chunk_rows=4)
+    run_task(config, TaskEnv(attempt=0), engine_factory=lambda: engine)
+    store = LocalStore(tmp_path / "out")
+    part = store.get("r/part-00000.parquet")
+    assert part is not None and store.put_if_absent("r/_chunks/part-00000-000000004.parquet", b"left behind")
+    # When Cloud Run retries the task
+    again = run_task(config, TaskEnv(attempt=1), engine_factory=lambda: pytest.fail("the retry loaded the model"))
+    # Then it only finalised (no chunk work, no model), deleted the leftover, and the part is unchanged
+    assert (again.chunks, again.chunks_resumed, again.rows, again.finalised) == (0, 0, 8, True)
+    assert list(store.list("r/_chunks/")) == [] and store.get("r/part-00000.parquet") == part

@@ -54,6 +54,22 @@ def test_get_exists_and_list_by_prefix(store: Store) -> None:
     assert list(store.list("zzz/")) == []
 
 
+def test_delete_removes_an_object_once_and_a_deleted_name_can_be_created_again(store: Store) -> None:
+    # Given two objects, one of them rewritten (so it has a later generation)
+    store.put_if_absent("run/_chunks/a.parquet", b"a")
+    store.put("run/p.json", b"1")
+    store.put("run/p.json", b"2")
+    # When each is deleted, and deleted again
+    # Then the first delete removes it (gone from get, exists and list), the second finds nothing
+    assert store.delete("run/_chunks/a.parquet") and not store.delete("run/_chunks/a.parquet")
+    assert store.get("run/_chunks/a.parquet") is None and not store.exists("run/_chunks/a.parquet")
+    assert store.delete("run/p.json") and list(store.list("run/")) == []
+    assert not store.delete("run/never.json")
+    # And a deleted name is absent for create-only and compare-and-swap writes alike
+    assert store.put_if_generation("run/p.json", b"3", generation=None)
+    assert store.put_if_absent("run/_chunks/a.parquet", b"again") and store.get("run/p.json") == b"3"
+
+
 def test_concurrent_put_if_absent_has_exactly_one_winner(store: Store) -> None:
     # Given 8 threads that start writing the same name at the same moment
     barrier = threading.Barrier(8)
