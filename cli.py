@@ -54,8 +54,8 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "layer and re-scoring the best 256 words in fp32; a row without a clear winner is "
                           "scored in full. Same tokens as the full fp32 layer on every measured prompt; greedy "
                           "generation 1.25x in the bench; about 1.5 s and 105 MB to build, once greedy work has "
-                          "spent as long in the full layer (docs/PERFORMANCE.md). Default: on; off scores every "
-                          "word in fp32."),
+                          "spent as long in the full layer, then kept only if it beats the full layer on this "
+                          "CPU (docs/PERFORMANCE.md). Default: on; off scores every word in fp32."),
         click.option("--log-level", default="WARNING", show_default=True, envvar="GEMMA_BATCH_LOG_LEVEL",
                      type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
     ]

@@ -5,6 +5,7 @@ how many of our outputs equal the one-at-a-time outputs token for token (the exa
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,10 +96,12 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
              min(len(i.ids) for i in items), max(len(i.ids) for i in items), max_new_tokens)
     engine.generate_tokenized(items[:2], max_new_tokens=4)  # warm both paths' lazy set-up
     decoder = engine.decoder
-    decoder.ensure_screen()  # a worker builds it once, early in its greedy work: time the steady state
+    # As in a fresh worker, the timed run builds the head screen once its greedy rows have spent
+    # SCREEN_AFTER_S in the full layer, and keeps it only if it beats the full layer (both inside the timing)
     screened, full = decoder.screened_rows, decoder.unscreened_rows
     ours_tokens, ours_s = run_ours(engine, items, max_new_tokens)
-    screen = {"screened_rows": decoder.screened_rows - screened, "full_rows": decoder.unscreened_rows - full}
+    screen = {"screened_rows": decoder.screened_rows - screened, "full_rows": decoder.unscreened_rows - full,
+              "trial": None if decoder.screen_trial is None else asdict(decoder.screen_trial)}
     decode = engine.tokenizer.decode
     ours_texts = [decode(t, skip_special_tokens=True) for t in ours_tokens]
     subset = list(range(0, len(items), naive_every))
@@ -158,6 +161,10 @@ def render(r: dict[str, Any]) -> str:
         h, same = r["head_screen"], r["head_screen"]["agreement_with_full_head"]
         lines.append(f"head screen: {h['screened_rows']} greedy rows screened, {h['full_rows']} scored in full; "
                      f"tokens identical to --no-head-screen {same['identical']} of {same['of']}")
+        if h.get("trial"):
+            t = h["trial"]
+            lines.append(f"head screen trial at {t['rows']} rows: int4 screen {t['screen_s'] * 1000:.1f} ms, full layer "
+                         f"{t['full_s'] * 1000:.1f} ms: {'kept' if t['kept'] else 'dropped'}")
     if "int4_ratio_vs_llama_cpp" in r:
         lines.append(f"int4 is {r['int4_ratio_vs_llama_cpp']:.2f}x llama.cpp")
     for key, label in (("ours_int4", "int4"), ("llama_cpp", "llama.cpp")):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import subprocess
 import sys
 import time
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}
     if engine.device.type == "cuda":
         result["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    decoder = engine.decoder
+    if decoder is not None and decoder.screen_trial is not None:  # the head screen's timing, kept or dropped
+        result["head_screen_trial"] = asdict(decoder.screen_trial)
     print(json.dumps(result))
     return result
 

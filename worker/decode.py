@@ -37,6 +37,10 @@ VOCAB_BLOCK = 4096
 # rows, about what building the screen takes on 2 cores: a short call (one CLI prompt of a few
 # tokens) never pays for a screen it would not earn back, and a long one pays at most twice.
 SCREEN_AFTER_S = 1.5
+# Then time it against the full layer, this many rounds each on at least this many rows (a batch's
+# decode step), and keep it only if it is faster
+TRIAL_ROUNDS = 2
+TRIAL_ROWS = 32
 
 # Shrink the decode batch (copying the cache) only once this share of its rows has finished:
 # copying on every finished row would cost more than the steps it saves.
@@ -113,6 +117,16 @@ def fits(config: object, *, width: int, max_new_tokens: int) -> bool:
     return window is None or width + max_new_tokens < window
 
 
+@dataclass(frozen=True)
+class ScreenTrial:
+    """The greedy head screen's one timing against the full output layer, on the same rows."""
+
+    rows: int
+    screen_s: float
+    full_s: float
+    kept: bool
+
+
 class Decoder:
     """The prefill → merge → decode loop over one model. Stateless between calls, but for the
     greedy head's int4 screen (built once greedy work has earned it) and its counters."""
@@ -134,8 +148,9 @@ class Decoder:
         self.screened_rows = 0  # greedy rows the screen answered
         self.unscreened_rows = 0  # rows whose margin check sent them to the full fp32 layer
         self.full_layer_s = 0.0  # time greedy rows spent in the full layer before the screen was built
-        log.info("greedy head: %s", f"int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s"
-                 if self.screen_wanted else "full output layer")
+        self.screen_trial: ScreenTrial | None = None  # the build's timing of screen against full layer
+        log.info("greedy head: %s", f"int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s "
+                 "and kept if faster" if self.screen_wanted else "full output layer")
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
                  past: int) -> torch.Tensor:
@@ -170,16 +185,49 @@ class Decoder:
     def best(self, hidden: torch.Tensor) -> list[int]:
         """The greedy token per row: through the int4 screen where it applies (worker/model/head_screen.py),
         rows it cannot vouch for through the full output layer (`best_blocked`). The screen is built
-        once the full layer has taken `SCREEN_AFTER_S` in greedy rows."""
+        once the full layer has taken `SCREEN_AFTER_S` in greedy rows, and kept only if it beats the
+        full layer on that step's rows (`try_screen`)."""
         screen = self.screen
-        if screen is None and self.screen_wanted and self.full_layer_s >= SCREEN_AFTER_S:
-            screen = self.ensure_screen()
+        if screen is None and self.screen_wanted and self.screen_trial is None and self.full_layer_s >= SCREEN_AFTER_S:
+            return self.try_screen(hidden)
         if screen is None:
             started = time.monotonic()
             out = self.best_blocked(hidden)
             if self.screen_wanted:
                 self.full_layer_s += time.monotonic() - started
             return out
+        return self._screened(screen, hidden)
+
+    def try_screen(self, hidden: torch.Tensor) -> list[int]:
+        """Build the screen and time it against the full layer on these rows, repeated up to
+        `TRIAL_ROWS` (a batch's decode step, where the time goes), alternating, best of
+        `TRIAL_ROUNDS` each; keep it only if it is faster. The int4 kernel's speed depends on the
+        CPU: on the 2-core AVX2 machine of docs/PERFORMANCE.md it scored 32 rows in a third of the
+        full layer's time, on a 2-core AVX-512/AMX machine in about the same time (slower at 64
+        rows, three times faster at one). Returns these rows' tokens."""
+        screen = self.ensure_screen()
+        assert screen is not None
+        rows = hidden.shape[0]
+        probe = hidden if rows >= TRIAL_ROWS else hidden.repeat(-(-TRIAL_ROWS // rows), 1)[:TRIAL_ROWS]
+        screen_s, full_s = [], []
+        for _ in range(TRIAL_ROUNDS):
+            started = time.monotonic()
+            full = self.best_blocked(probe)
+            full_s.append(time.monotonic() - started)
+            started = time.monotonic()
+            screen.best(probe)
+            screen_s.append(time.monotonic() - started)
+        trial = self.screen_trial = ScreenTrial(rows=probe.shape[0], screen_s=min(screen_s), full_s=min(full_s),
+                                                kept=min(screen_s) < min(full_s))
+        log.info("greedy head: int4 screen %.1f ms against the full layer's %.1f ms for %d rows: %s",
+                 trial.screen_s * 1000, trial.full_s * 1000, trial.rows,
+                 "screening" if trial.kept else "dropped, scoring every word in fp32")
+        if trial.kept:
+            return self._screened(screen, hidden)
+        self._screen = None  # its memory goes back
+        return full if probe is hidden else self.best_blocked(hidden)
+
+    def _screened(self, screen: head_screen.HeadScreen, hidden: torch.Tensor) -> list[int]:
         ids, sure = screen.best(hidden)
         unsure = (~sure).nonzero().squeeze(1)
         self.screened_rows += hidden.shape[0] - unsure.numel()

@@ -104,7 +104,8 @@ def test_the_generation_table_compares_peers_with_the_exact_path_and_int4_with_l
          "hf_one_at_a_time": row(8, 8.0), "llama_cpp": {**row(8, 4.0), "agreement_with_exact": agreement},
          "greedy_agreement": {"identical": 2, "of": 2}, "int4_ratio_vs_llama_cpp": 4.0,
          "ours_full_head": row(8, 3.0),
-         "head_screen": {"screened_rows": 7, "full_rows": 1, "agreement_with_full_head": {"identical": 2, "of": 2}}}
+         "head_screen": {"screened_rows": 7, "full_rows": 1, "agreement_with_full_head": {"identical": 2, "of": 2},
+                         "trial": {"rows": 32, "screen_s": 0.0455, "full_s": 0.129, "kept": True}}}
     lines = render(r).splitlines()
     int4 = next(line for line in lines if line.startswith("ours, --quantize int4"))
     llama = next(line for line in lines if line.startswith("llama-cpp-python"))
@@ -116,6 +117,7 @@ def test_the_generation_table_compares_peers_with_the_exact_path_and_int4_with_l
     assert full.rstrip().endswith("1.50x")
     assert ("head screen: 7 greedy rows screened, 1 scored in full; tokens identical to --no-head-screen 2 of 2"
             in render(r))
+    assert "head screen trial at 32 rows: int4 screen 45.5 ms, full layer 129.0 ms: kept" in render(r)
 
 
 def test_section_lists_keep_their_order_and_name_what_is_unknown() -> None:
@@ -130,7 +132,9 @@ def test_section_lists_keep_their_order_and_name_what_is_unknown() -> None:
 def test_the_generation_section_times_the_head_screen_against_the_full_layer(engine) -> None:
     from bench.generation import measure, render
 
-    # Given the real engine, a few prompts and no llama.cpp / When the generation section runs
+    # Given the real engine with its head screen built (as a worker's is once greedy work earned it
+    # and it beat the full layer), a few prompts and no llama.cpp / When the generation section runs
+    engine.decoder.ensure_screen()
     got = measure(engine, n=4, max_new_tokens=8, gguf=None, naive_every=4)
     # Then the same engine ran again with every word scored in fp32, with the same tokens,
     screen = got["head_screen"]
