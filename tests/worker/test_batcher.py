@@ -81,6 +81,75 @@ def test_out_of_memory_splits_the_call_and_only_the_culprit_fails(engine: Engine
     assert sum(b.requests for b in batches) == 7
 
 
+class FailingGenerateEngine(Engine):
+    """Fails any generate call that holds the poisoned prompt, as a shared call with one input the
+    model cannot take would (a fault this machine cannot produce on demand)."""
+
+    poison: tuple[int, ...] = ()
+
+    def generate_tokenized(self, items, **params):
+        if any(tuple(it.ids) == self.poison for it in items):
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return super().generate_tokenized(items, **params)
+
+
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "stop": (), "seed": None}
+
+
+def test_generate_requests_share_calls_by_parameters_within_the_call_limits(
+        engine: Engine, batches: list[BatchStats]) -> None:
+    # Given seven one-prompt greedy requests queued before the engine thread starts: five for 3 new
+    # tokens, two for 2, with calls capped at 3 inputs, and one 3-token request far over the
+    # call's prompt-token cap
+    prompts = [f"Item {i} on the list is" for i in range(6)]
+    items = [engine.tokenize([p], truncate=False) for p in prompts]
+    long_item = engine.tokenize(["word " * 60], truncate=False)
+    cap = 3 * len(items[0][0].ids)
+    batcher = TokenBudgetBatcher(engine, max_wait_s=0.2, max_items=3, max_call_tokens=cap, on_batch=batches.append)
+    futures = [batcher.submit_generate(it, max_new_tokens=3 if i < 4 else 2, **GREEDY) for i, it in enumerate(items)]
+    futures.append(batcher.submit_generate(long_item, max_new_tokens=3, **GREEDY))
+    batcher.start()
+    try:
+        answers = [f.result(timeout=120).value for f in futures]
+    finally:
+        batcher.stop()
+    # Then one call per parameter group and limit: the 3-token prompts in calls of 3 and 1 (the
+    # long one alone, past the token cap), the 2-token ones together
+    calls = sorted((b.inputs, b.tokens) for b in batches if b.kind == "generate")
+    assert [n for n, _ in calls] == [1, 1, 2, 3] and all(t <= cap for n, t in calls if n > 1)
+    assert sum(b.requests for b in batches) == 7
+    # And each request got its own answer, the one a direct call gives
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        direct = engine.generate([prompt], max_new_tokens=3 if i < 4 else 2)[0]
+        assert len(answer) == 1 and answer[0].token_ids == direct.token_ids
+    assert answers[-1][0].token_ids == engine.generate_tokenized(long_item, max_new_tokens=3)[0].token_ids
+
+
+def test_a_failing_generate_call_is_halved_until_only_the_culprit_fails(
+        engine: Engine, batches: list[BatchStats]) -> None:
+    # Given an engine whose generate fails whenever one particular prompt is in the call
+    failing = _clone(engine, FailingGenerateEngine)
+    items = [failing.tokenize([f"Item {i} on the list is"], truncate=False) for i in range(6)]
+    failing.poison = tuple(items[4][0].ids)
+    batcher = TokenBudgetBatcher(failing, max_wait_s=0.2, on_batch=batches.append)
+    # When all six share one call
+    futures = [batcher.submit_generate(it, max_new_tokens=2, **GREEDY) for it in items]
+    batcher.start()
+    try:
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=120).value)
+            except TaskError as exc:
+                outcomes.append(exc)
+    finally:
+        batcher.stop()
+    # Then only the culprit fails (retryable: the cause is unknown), and the other five got answers
+    failed = [i for i, o in enumerate(outcomes) if isinstance(o, TaskError)]
+    assert failed == [4] and outcomes[4].retryable and outcomes[4].code == ErrorCode.INTERNAL
+    assert sum(b.requests for b in batches) == 5 and all(len(o) == 1 for o in outcomes if isinstance(o, list))
+
+
 def test_full_queue_refuses_with_a_retryable_error(engine: Engine) -> None:
     # Given a batcher whose queue holds one request and whose engine thread is not running
     batcher = TokenBudgetBatcher(engine, max_queued=1)
