@@ -36,6 +36,20 @@ def _clone(engine: Engine, cls: type[Engine] = Engine) -> Engine:
                max_batch_size=engine.max_batch_size, max_new_tokens=engine.max_new_tokens)
 
 
+def _outcomes(batcher: TokenBudgetBatcher, futures: list) -> list:
+    """Each future's value, or the TaskError it failed with; the batcher is stopped after."""
+    outcomes = []
+    try:
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=120).value)
+            except TaskError as exc:
+                outcomes.append(exc)
+    finally:
+        batcher.stop()
+    return outcomes
+
+
 def test_concurrent_requests_share_engine_calls_and_get_their_own_answers(
         engine: Engine, docstrings: list[str], batches: list[BatchStats]) -> None:
     # Given a batcher and 24 requests submitted from 8 threads at once
@@ -63,16 +77,7 @@ def test_out_of_memory_splits_the_call_and_only_the_culprit_fails(engine: Engine
     batcher = TokenBudgetBatcher(failing, max_wait_s=0.2, on_batch=batches.append)
     # When all eight are queued before the engine thread starts, so they share one call
     futures = [batcher.submit_embed(it, dims=None, normalize=True) for it in items]
-    batcher.start()
-    try:
-        outcomes = []
-        for f in futures:
-            try:
-                outcomes.append(f.result(timeout=120).value)
-            except TaskError as exc:
-                outcomes.append(exc)
-    finally:
-        batcher.stop()
+    outcomes = _outcomes(batcher.start(), futures)
     # Then the call was halved until the culprit ran alone: it fails as a retryable out_of_memory,
     # and the seven others succeed
     failed = [i for i, o in enumerate(outcomes) if isinstance(o, TaskError)]
@@ -134,16 +139,7 @@ def test_a_failing_generate_call_is_halved_until_only_the_culprit_fails(
     batcher = TokenBudgetBatcher(failing, max_wait_s=0.2, on_batch=batches.append)
     # When all six share one call
     futures = [batcher.submit_generate(it, max_new_tokens=2, **GREEDY) for it in items]
-    batcher.start()
-    try:
-        outcomes = []
-        for f in futures:
-            try:
-                outcomes.append(f.result(timeout=120).value)
-            except TaskError as exc:
-                outcomes.append(exc)
-    finally:
-        batcher.stop()
+    outcomes = _outcomes(batcher.start(), futures)
     # Then only the culprit fails (retryable: the cause is unknown), and the other five got answers
     failed = [i for i, o in enumerate(outcomes) if isinstance(o, TaskError)]
     assert failed == [4] and outcomes[4].retryable and outcomes[4].code == ErrorCode.INTERNAL
