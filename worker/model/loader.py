@@ -120,6 +120,9 @@ def quantize_int4_cpu(loaded: LoadedModel) -> LoadedModel:
         raise ModelSourceError(f"the int4 CPU kernel runs on CPU only (this model is on {loaded.placement.device})")
     from worker.model import int4
 
+    warning = int4.slower_than_fp32_warning(*int4.kernel_against_fp32())
+    if warning:
+        log.warning(warning)
     root, _head = _root_and_head(loaded)
     replaced = int4.quantize_model(root)
     if replaced == 0:

@@ -4,6 +4,7 @@ that computes what its dequantized weights compute, every linear layer of the re
 same quantized model's own `generate` picks."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,33 @@ def test_quantizing_leaves_the_fp32_checkpoint_out_of_memory(int4_engine: Engine
     after = _resident_bytes(checkpoint, embedding)
     assert before is not None and after is not None
     assert after - before <= len(tokens) * 2 * (2 << 20)
+
+
+def test_the_kernels_speed_against_fp32_is_measured_and_a_slower_cpu_is_warned(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from worker.model import loader
+    from worker.model.device import Placement
+
+    # The timing is real on this CPU (which of the two wins depends on the CPU's kernels)
+    int4_s, fp32_s = int4.kernel_against_fp32(rounds=2)
+    assert int4_s > 0 and fp32_s > 0
+    assert int4.slower_than_fp32_warning(0.001, 0.003) is None
+    message = int4.slower_than_fp32_warning(0.0057, 0.0031)
+    assert message is not None and "5.7 ms" in message and "3.1 ms" in message
+    # Given a model quantized on a CPU where the kernel is slower (a timing this CPU may not give)
+    monkeypatch.setattr(int4, "kernel_against_fp32", lambda: (0.0057, 0.0031))
+    body = torch.nn.Sequential(torch.nn.Linear(640, 2048, bias=False))
+    loaded = loader.LoadedModel(name="tiny", body=body, lm=None, tokenizer=None,
+                                placement=Placement(device=torch.device("cpu"), dtype=torch.float32),
+                                max_positions=8, hidden_size=640, load_seconds=0.0)
+    with caplog.at_level("WARNING", logger="worker.model.loader"):
+        quantized = loader.quantize_int4_cpu(loaded)
+    # Then it is still quantized as asked, and the user is told the exact engine is likely faster
+    assert isinstance(quantized.body[0], int4.Int4Linear) and quantized.name == "tiny+int4"
+    assert [r.getMessage() for r in caplog.records] == [message]
+    # and on a CPU where the kernel wins, nothing is said
+    caplog.clear()
+    monkeypatch.setattr(int4, "kernel_against_fp32", lambda: (0.001, 0.003))
+    body = torch.nn.Sequential(torch.nn.Linear(640, 2048, bias=False))
+    loader.quantize_int4_cpu(dataclasses.replace(loaded, body=body))
+    assert caplog.records == []
