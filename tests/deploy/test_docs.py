@@ -130,3 +130,20 @@ def test_local_development_tested_blocks_run_as_written(tmp_path: Path) -> None:
     assert (copy / "results" / "adhoc" / "t-push-1.json").is_file()
     assert len(list((copy / "results" / "adhoc").glob("t-*.json"))) == 2
     assert "gcloud run services replace" in output and re.search(r'"status":\s*"ready"', output)
+
+
+RESULT_FILE = re.compile(r"`(bench/results/[\w./-]+?)/?`")
+
+
+def test_results_files_the_docs_cite_are_in_the_repository() -> None:
+    # Given every bench results file or folder the docs and README cite by path
+    cited = {(path, name) for path in ("README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")))
+             for name in RESULT_FILE.findall(read(path))}
+    # When each is looked up among the files git tracks (what a fresh clone has)
+    tracked = subprocess.run(["git", "ls-files", "bench/results"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    missing = sorted(f"{path}: {name}" for path, name in cited
+                     if not any(t == name or t.startswith(name + "/") for t in tracked))
+    # Then every one is there: a figure's backing file never points at nothing
+    assert not missing, f"cited but not committed: {missing}"
+    assert len(cited) >= 10
