@@ -38,8 +38,14 @@ test-reliability: setup
 # Peers (llama-cpp-python compiles from source the first time: several minutes) and the benchmark;
 # BENCH_ARGS=--quick for a smoke run. Figures go to bench/results/; see docs/PERFORMANCE.md.
 BENCH_ARGS ?=
+# llama.cpp's AMX kernels died with SIGILL (tilezero) on a 2-core KVM guest whose CPU reports AMX and
+# whose PyTorch uses it, so the peer is built for this CPU without AMX (its AVX-512/AVX2 kernels;
+# docs/PERFORMANCE.md). An explicit -mno-* flag wins over ggml's -march=native in GCC.
+LLAMA_NO_AMX = -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(LLAMA_NO_AMX)' -DCMAKE_CXX_FLAGS='$(LLAMA_NO_AMX)'
+
 bench: setup
-	$(PY) -m pip install --quiet -e '.[bench]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) cli.py bench $(BENCH_ARGS)
 
 schemas: $(STAMP)

@@ -163,8 +163,9 @@ def render(r: dict[str, Any]) -> str:
                      f"tokens identical to --no-head-screen {same['identical']} of {same['of']}")
         if h.get("trial"):
             t = h["trial"]
-            lines.append(f"head screen trial at {t['rows']} rows: int4 screen {t['screen_s'] * 1000:.1f} ms, full layer "
-                         f"{t['full_s'] * 1000:.1f} ms: {'kept' if t['kept'] else 'dropped'}")
+            lines.append(f"head screen trial at {t['rows']} rows: {t.get('kind', 'int4')} screen "
+                         f"{t['screen_s'] * 1000:.1f} ms, full layer {t['full_s'] * 1000:.1f} ms: "
+                         f"{'kept' if t['kept'] else 'dropped'}")
     if "int4_ratio_vs_llama_cpp" in r:
         lines.append(f"int4 is {r['int4_ratio_vs_llama_cpp']:.2f}x llama.cpp")
     for key, label in (("ours_int4", "int4"), ("llama_cpp", "llama.cpp")):

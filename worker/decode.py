@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 # launches per decode step where launches, not memory traffic, set the pace (`bench.gpu` times both).
 VOCAB_BLOCK = 4096
 
-# Build the greedy head's int4 screen once the full output layer has taken this long in greedy
-# rows, about what building the screen takes on 2 cores: a short call (one CLI prompt of a few
+# Build the greedy head's screen once the full output layer has taken this long in greedy
+# rows, about what building the int4 screen takes on 2 cores: a short call (one CLI prompt of a few
 # tokens) never pays for a screen it would not earn back, and a long one pays at most twice.
 SCREEN_AFTER_S = 1.5
 # Then time it against the full layer, this many rounds each on at least this many rows (a batch's
@@ -125,11 +125,12 @@ class ScreenTrial:
     screen_s: float
     full_s: float
     kept: bool
+    kind: str = "int4"  # which screen (worker/model/head_screen.py `choose_kind`)
 
 
 class Decoder:
     """The prefill → merge → decode loop over one model. Stateless between calls, but for the
-    greedy head's int4 screen (built once greedy work has earned it) and its counters."""
+    greedy head's screen (built once greedy work has earned it) and its counters."""
 
     def __init__(self, lm: torch.nn.Module, *, pad_id: int, device: torch.device, screen: bool = True) -> None:
         self.lm = lm
@@ -144,12 +145,12 @@ class Decoder:
         self._pass_cache_position = "cache_position" in params
         self.vocab_block = VOCAB_BLOCK if device.type == "cpu" else int(self.config.vocab_size)
         self.screen_wanted = screen and head_screen.applies(self.head, device=device, softcap=self.softcap)
-        self._screen: head_screen.HeadScreen | None = None
+        self._screen: head_screen.HeadScreen | head_screen.Bf16Screen | None = None
         self.screened_rows = 0  # greedy rows the screen answered
         self.unscreened_rows = 0  # rows whose margin check sent them to the full fp32 layer
         self.full_layer_s = 0.0  # time greedy rows spent in the full layer before the screen was built
         self.screen_trial: ScreenTrial | None = None  # the build's timing of screen against full layer
-        log.info("greedy head: %s", f"int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s "
+        log.info("greedy head: %s", f"bf16 or int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s "
                  "and kept if faster" if self.screen_wanted else "full output layer")
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
@@ -169,21 +170,28 @@ class Decoder:
         return logits
 
     @property
-    def screen(self) -> head_screen.HeadScreen | None:
-        """The greedy head's int4 screen if it is built and turned on (`screen_wanted`), else None."""
+    def screen(self) -> head_screen.HeadScreen | head_screen.Bf16Screen | None:
+        """The greedy head's screen if it is built and turned on (`screen_wanted`), else None."""
         return self._screen if self.screen_wanted else None
 
-    def ensure_screen(self) -> head_screen.HeadScreen | None:
-        """Build the screen now if it applies and is turned on (about 1.5 s on 2 cores, 105 MB)."""
+    def ensure_screen(self, kind: str | None = None) -> head_screen.HeadScreen | head_screen.Bf16Screen | None:
+        """Build the screen now if it applies and is turned on: of `kind`, or the kind this CPU runs
+        faster (`head_screen.choose_kind`: bf16 where it has bf16 units, 335 MB and about 0.1 s on 2
+        cores; else int4, 105 MB and about 1.5 s). None where neither applies."""
         if self.screen_wanted and self._screen is None:
             started = time.monotonic()
-            self._screen = head_screen.HeadScreen(self.head)
-            log.info("greedy head screen built in %.1fs (int4 copy of the output layer, %d candidates re-scored "
-                     "in fp32 per row)", time.monotonic() - started, head_screen.CANDIDATES)
+            kind = kind or head_screen.choose_kind(self.head)
+            if kind is None:
+                self.screen_wanted = False
+                log.info("greedy head: no screen applies, scoring every word in fp32")
+                return None
+            self._screen = head_screen.build(self.head, kind)
+            log.info("greedy head screen built in %.1fs (%s copy of the output layer, candidates re-scored in fp32)",
+                     time.monotonic() - started, kind)
         return self.screen
 
     def best(self, hidden: torch.Tensor) -> list[int]:
-        """The greedy token per row: through the int4 screen where it applies (worker/model/head_screen.py),
+        """The greedy token per row: through the head's screen where it applies (worker/model/head_screen.py),
         rows it cannot vouch for through the full output layer (`best_blocked`). The screen is built
         once the full layer has taken `SCREEN_AFTER_S` in greedy rows, and kept only if it beats the
         full layer on that step's rows (`try_screen`)."""
@@ -201,12 +209,14 @@ class Decoder:
     def try_screen(self, hidden: torch.Tensor) -> list[int]:
         """Build the screen and time it against the full layer on these rows, repeated up to
         `TRIAL_ROWS` (a batch's decode step, where the time goes), alternating, best of
-        `TRIAL_ROUNDS` each; keep it only if it is faster. The int4 kernel's speed depends on the
-        CPU: on the 2-core AVX2 machine of docs/PERFORMANCE.md it scored 32 rows in a third of the
-        full layer's time, on a 2-core AVX-512/AMX machine in about the same time (slower at 64
-        rows, three times faster at one). Returns these rows' tokens."""
+        `TRIAL_ROUNDS` each; keep it only if it is faster. The screens' speed depends on the CPU:
+        on the 2-core AVX2 machine of docs/PERFORMANCE.md the int4 screen scored 32 rows in a third
+        of the full layer's time; on a 2-core AVX-512/AMX machine the int4 kernel is about as fast
+        as fp32 there, and the bf16 screen (the one `choose_kind` picks on it) is faster.
+        Returns these rows' tokens."""
         screen = self.ensure_screen()
-        assert screen is not None
+        if screen is None:
+            return self.best_blocked(hidden)
         rows = hidden.shape[0]
         probe = hidden if rows >= TRIAL_ROWS else hidden.repeat(-(-TRIAL_ROWS // rows), 1)[:TRIAL_ROWS]
         screen_s, full_s = [], []
@@ -218,16 +228,16 @@ class Decoder:
             screen.best(probe)
             screen_s.append(time.monotonic() - started)
         trial = self.screen_trial = ScreenTrial(rows=probe.shape[0], screen_s=min(screen_s), full_s=min(full_s),
-                                                kept=min(screen_s) < min(full_s))
-        log.info("greedy head: int4 screen %.1f ms against the full layer's %.1f ms for %d rows: %s",
-                 trial.screen_s * 1000, trial.full_s * 1000, trial.rows,
+                                                kept=min(screen_s) < min(full_s), kind=screen.kind)
+        log.info("greedy head: %s screen %.1f ms against the full layer's %.1f ms for %d rows: %s",
+                 trial.kind, trial.screen_s * 1000, trial.full_s * 1000, trial.rows,
                  "screening" if trial.kept else "dropped, scoring every word in fp32")
         if trial.kept:
             return self._screened(screen, hidden)
         self._screen = None  # its memory goes back
         return full if probe is hidden else self.best_blocked(hidden)
 
-    def _screened(self, screen: head_screen.HeadScreen, hidden: torch.Tensor) -> list[int]:
+    def _screened(self, screen: head_screen.HeadScreen | head_screen.Bf16Screen, hidden: torch.Tensor) -> list[int]:
         ids, sure = screen.best(hidden)
         unsure = (~sure).nonzero().squeeze(1)
         self.screened_rows += hidden.shape[0] - unsure.numel()

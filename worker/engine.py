@@ -132,7 +132,7 @@ class Engine:
         started = time.monotonic()
         self.embed(["warm up"])
         if self.model.lm is not None:
-            # (the greedy head's int4 screen is built later, once greedy work has earned it: decode.SCREEN_AFTER_S)
+            # (the greedy head's screen is built later, once greedy work has earned it: decode.SCREEN_AFTER_S)
             self.generate(["warm up"], max_new_tokens=2)
         return time.monotonic() - started
 

@@ -64,7 +64,7 @@ class Metrics:
         self.queue_depth.set_function(depth)
 
     def watch_head_screen(self, decoder: Decoder) -> None:
-        """Export how the greedy head answered rows: by its int4 screen or by the full output layer
+        """Export how the greedy head answered rows: by its screen or by the full output layer
         (worker/model/head_screen.py), read from the decoder when scraped."""
         self.registry.register(HeadScreenCollector(decoder))
 
@@ -149,7 +149,7 @@ class HeadScreenCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("gemma_greedy_head_rows", "Greedy decode rows by how the output layer picked "
-                                     "their token: 'screened' (int4 screen, fp32 re-score) or 'full' (every word "
+                                     "their token: 'screened' (bf16 or int4 screen, fp32 re-score) or 'full' (every word "
                                      "in fp32, the screen unsure).", labels=["path"])
         family.add_metric(["screened"], self.decoder.screened_rows)
         family.add_metric(["full"], self.decoder.unscreened_rows)

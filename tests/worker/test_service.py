@@ -241,7 +241,7 @@ def test_metrics_cover_requests_batches_tokens_errors_and_load(http: httpx.Clien
     assert _metric(http, "gemma_tokens_in_total", kind="generate") >= 1
     assert _metric(http, "gemma_tokens_out_total") >= 1
     assert _metric(http, "gemma_errors_total", code="invalid_parameter") >= 1
-    # and the request's two greedy rows, answered by the output layer's int4 screen or in full (CPU)
+    # and the request's two greedy rows, answered by the output layer's screen or in full (CPU)
     assert _metric(http, "gemma_greedy_head_rows_total", path="screened") + _metric(
         http, "gemma_greedy_head_rows_total", path="full") >= rows + 2
     assert "gemma_model_load_seconds" in text and "gemma_queue_depth" in text

@@ -1,4 +1,12 @@
-"""The greedy output layer on CPU through an int4 screen, answering what the fp32 layer answers.
+"""The greedy output layer on CPU through a cheaper screen, answering what the fp32 layer answers.
+
+Two screens, one per kind of CPU (`choose_kind` times which applies): a bf16 copy of the layer
+(`Bf16Screen`) where the CPU multiplies bf16 faster than fp32 (AMX or AVX-512 bf16 units), with a
+worst-case bound; else a 4-bit copy (`HeadScreen`), with a statistical margin. Both re-score their
+candidates in fp32 from the layer's own weights and hand rows they cannot vouch for to the full
+layer.
+
+The int4 screen:
 
 A decode step's output layer (262,144 words x 640) is the largest matmul of the step. For the
 greedy token only the best word matters, so: score every word with a 4-bit copy of the layer
@@ -22,31 +30,101 @@ measured over the bench's 64 prompts (4,096 decode states x 262,144 words) the l
 5.9 such units at the word's own residual. A row whose gap is below the margin (a flat
 distribution over many words) is answered by the fp32 layer in full, as without the screen.
 
-`Settings.head_screen` (`--no-head-screen`) turns it off; it is used only where it applies: a CPU
-`nn.Linear` head without bias or logit soft-capping, on a PyTorch that has the kernel."""
+The bf16 screen scores every word with bf16 copies of the hidden state and the layer (fp32
+accumulation, bf16 output), and keeps as candidates the words within twice a bound `E` of the
+row's best screen score. Rounding each operand to bf16 moves it by at most 2^-8 of itself, so each
+product moves by at most 2^-7 + 2^-16 of |w_i x_i|, and the fp32 sum over 640 terms adds under
+2^-14 of the sum of |w_i x_i|, itself at most ||w|| ||x||; the bf16 output moves the score by
+at most 2^-8 of itself. Per row, with the largest word norm and the largest screen score:
+
+    E = |screen score|max * 2^-7 + (2^-7 + 2^-12) * ||hidden|| * max ||w||
+
+A word outside the candidates scores below (best screen score - 2E) + E in fp32, below the fp32
+score of the screen's best word, itself a candidate: the fp32 best of the candidates is the fp32
+layer's answer, with no statistics involved. A row with more than `MAX_CANDIDATES` candidates
+(a flat distribution) goes to the full layer.
+
+`Settings.head_screen` (`--no-head-screen`) turns both off; they are used only where they apply: a
+CPU `nn.Linear` fp32 head without bias or logit soft-capping (int4 also needs the kernel and its
+shapes)."""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
 from worker.model import int4
 
-CANDIDATES = 256  # words re-scored in fp32 per row
+CANDIDATES = 256  # words re-scored in fp32 per row (int4)
 SIGMAS = 8.0
 ROUNDING = 2.0 ** -8
+
+BF16_OUTPUT = 2.0 ** -7  # the bf16 output's rounding, with room (2^-8 relative, of the exact value)
+BF16_PRODUCTS = 2.0 ** -7 + 2.0 ** -12  # operand rounding and fp32 accumulation, per ||w|| ||x||
+MAX_CANDIDATES = 4096  # more in a row and the full layer scores it
+BF16_BLOCK = 16384  # words per block of bf16 screen scores (rows x block stays in cache)
+# Prefer the bf16 screen only where bf16 `linear` beats fp32 by this much on a slice of the layer
+# (`choose_kind`): without bf16 units (AVX2) it is about 100 times slower, with AMX 3-10 times faster.
+BF16_FASTER = 1.5
+PROBE_WORDS, PROBE_ROWS = 4096, 32
 
 
 def applies(head: torch.nn.Module, *, device: torch.device, softcap: float | None) -> bool:
     """Whether a screen can stand in for this output layer (see the module docstring)."""
     return (device.type == "cpu" and type(head) is torch.nn.Linear and head.bias is None and softcap is None
-            and head.weight.dtype == torch.float32 and int4.supported(head)
-            and head.weight.shape[0] > CANDIDATES and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and head.weight.dtype == torch.float32 and head.weight.shape[0] > CANDIDATES)
+
+
+def int4_applies(head: torch.nn.Linear) -> bool:
+    """Whether PyTorch's int4 CPU kernel takes this layer (the int4 screen's needs beyond `applies`)."""
+    return (int4.supported(head) and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
             and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
+
+
+def bf16_speedup(head: torch.nn.Linear, *, rounds: int = 3) -> float:
+    """fp32 `linear` time over bf16 `linear` time on `PROBE_WORDS` of the layer's words and
+    `PROBE_ROWS` rows, best of `rounds` each, alternating; a CPU on which a timed round's bf16 is
+    four times slower is settled there (8-14 ms in all on an AVX-512/AMX machine; about 20 ms
+    there with oneDNN held to AVX2, `ONEDNN_MAX_CPU_ISA=AVX2`, where bf16 ran 5-7 times slower)."""
+    weight = head.weight[:PROBE_WORDS].detach()
+    low = weight.to(torch.bfloat16)
+    rows = torch.randn(PROBE_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    fp32_s, bf16_s = [], []
+    with torch.inference_mode():
+        for _ in range(rounds + 1):  # the first round warms both kernels
+            started = time.perf_counter()
+            torch.nn.functional.linear(rows, weight)
+            fp32_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            torch.nn.functional.linear(rows.to(torch.bfloat16), low)
+            bf16_s.append(time.perf_counter() - started)
+            if len(bf16_s) > 1 and bf16_s[-1] > 4 * fp32_s[-1]:
+                break  # far slower: no need for the best of `rounds`
+    return min(fp32_s[1:]) / max(min(bf16_s[1:]), 1e-9)
+
+
+def choose_kind(head: torch.nn.Linear) -> str | None:
+    """The screen for this CPU: "bf16" where bf16 `linear` is at least `BF16_FASTER` times faster
+    than fp32 on a slice of the layer, else "int4" where its kernel applies, else None."""
+    if bf16_speedup(head) >= BF16_FASTER:
+        return "bf16"
+    return "int4" if int4_applies(head) else None
+
+
+def build(head: torch.nn.Linear, kind: str) -> HeadScreen | Bf16Screen:
+    """The screen of that kind (`choose_kind`) over this output layer."""
+    if kind == "bf16":
+        return Bf16Screen(head)
+    if kind == "int4":
+        return HeadScreen(head)
+    raise ValueError(f"no head screen of kind {kind!r}")
 
 
 class HeadScreen:
     """A 4-bit copy of one output layer and the fp32 re-scoring of its candidates."""
+
+    kind = "int4"
 
     def __init__(self, head: torch.nn.Linear) -> None:
         self.weight = head.weight  # the layer's own fp32 weights (shared, not copied)
@@ -89,3 +167,66 @@ class HeadScreen:
             reach.scatter_(1, top.indices[unsure], float("-inf"))  # the candidates themselves
             sure[unsure] = high[unsure] > reach.max(dim=1).values
         return ids, sure
+
+
+class Bf16Screen:
+    """A bf16 copy of one output layer and the fp32 re-scoring of the words its bound cannot rule
+    out (module docstring)."""
+
+    kind = "bf16"
+
+    def __init__(self, head: torch.nn.Linear) -> None:
+        self.weight = head.weight  # the layer's own fp32 weights (shared, not copied)
+        with torch.no_grad():
+            self.low = self.weight.detach().to(torch.bfloat16)
+            self.largest_norm = float(torch.linalg.vector_norm(self.weight.detach(), dim=1).max())
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every word's screen score (the bf16 kernel's bf16 output, in fp32), all at once."""
+        return torch.nn.functional.linear(hidden.to(torch.bfloat16), self.low).float()
+
+    def bound(self, hidden: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+        """Per row, `E`: no word's screen score is further than this from its fp32 score, given the
+        row's largest screen score in magnitude (module docstring)."""
+        return largest * BF16_OUTPUT + BF16_PRODUCTS * torch.linalg.vector_norm(hidden, dim=1) * self.largest_norm
+
+    def best(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the best candidate per row by fp32 score, ties to the lowest id; whether the row is sure:
+        it had at most `MAX_CANDIDATES` candidates, so its answer is the full layer's).
+
+        The screen scores go by blocks of `BF16_BLOCK` words, each block's highest and lowest score
+        per row taken while it is in cache; only blocks whose highest reaches a row's threshold are
+        searched for candidates."""
+        rows, words = hidden.shape[0], self.low.shape[0]
+        low_hidden = hidden.to(torch.bfloat16)
+        blocks, highs, lows = [], [], []
+        for start in range(0, words, BF16_BLOCK):
+            block = torch.nn.functional.linear(low_hidden, self.low[start: start + BF16_BLOCK])
+            low, high = torch.aminmax(block, dim=1)
+            blocks.append(block)
+            highs.append(high)
+            lows.append(low)
+        high_t, low_t = torch.stack(highs, dim=1).float(), torch.stack(lows, dim=1).float()
+        top = high_t.max(dim=1).values
+        largest = torch.maximum(high_t.abs().max(dim=1).values, low_t.abs().max(dim=1).values)
+        threshold = top - 2 * self.bound(hidden, largest)
+        reach = high_t >= threshold[:, None]  # (row, block) pairs that hold candidates
+        found_rows, found_words = [], []
+        for b in reach.any(dim=0).nonzero().flatten().tolist():
+            picked = reach[:, b].nonzero().flatten()
+            row, word = (blocks[b][picked].float() >= threshold[picked, None]).nonzero().unbind(1)
+            found_rows.append(picked[row])
+            found_words.append(word + b * BF16_BLOCK)
+        if not found_rows:  # no finite scores anywhere: the full layer decides
+            return torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.bool)
+        row, word = torch.cat(found_rows), torch.cat(found_words)
+        count = torch.bincount(row, minlength=rows)
+        sure = (count > 0) & (count <= MAX_CANDIDATES)  # a row with none (not finite) is not vouched for
+        kept = sure[row]
+        row, word = row[kept], word[kept]
+        exact = (self.weight[word] * hidden[row]).sum(dim=1)
+        best_score = torch.full((rows,), float("-inf"), dtype=exact.dtype).scatter_reduce(0, row, exact, "amax")
+        none = torch.iinfo(torch.long).max
+        ids = torch.full((rows,), none, dtype=torch.long).scatter_reduce(
+            0, row, torch.where(exact == best_score[row], word, none), "amin")
+        return torch.where(sure, ids, 0), sure
