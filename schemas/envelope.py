@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StringConstraints, TypeAdapter, model_serializer
 
 SCHEMA_VERSION = "1"
 SUPPORTED_SCHEMA_VERSIONS: frozenset[str] = frozenset({SCHEMA_VERSION})
@@ -87,6 +87,15 @@ class _EnvelopeBase(BaseModel):
     cache: bool = Field(default=True, description=(
         "false: always run inference and do not store this result in the cache. With true, a greedy or "
         "seeded task identical to one already answered gets that answer again (the result says cached)."))
+
+    @model_serializer(mode="wrap")
+    def _written_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """`cache` is written only when false, so a worker from before the field (which refuses unknown
+        fields) still reads every envelope that does not opt out: publishers may be upgraded first."""
+        data = handler(self)
+        if self.cache:
+            data.pop("cache", None)
+        return data
 
 
 class EmbedTask(_EnvelopeBase):

@@ -280,15 +280,7 @@ class TokenBudgetBatcher:
         try:
             raw = self.engine.embed_pass([p.req.items[i].ids for p, i in inputs])
         except Exception as exc:  # noqa: BLE001 - any failure is isolated by splitting
-            if len(inputs) > 1:
-                half = len(inputs) // 2
-                log.warning("forward pass of %d inputs failed (%s); retrying in halves", len(inputs), exc)
-                self._run_pass(inputs[:half])
-                self._run_pass(inputs[half:])
-                return
-            failed = inputs[0][0]
-            failed.req.future.set_exception(_as_task_error(exc))
-            failed.todo.clear()  # its other inputs are not needed; it leaves the pool
+            _halve_or_fail(inputs, exc, retry=self._run_pass, fail=_fail_pooled, what="forward pass", unit="inputs")
             return
         for (p, i), vector in zip(inputs, raw):
             p.raw[i] = vector
@@ -338,13 +330,8 @@ class TokenBudgetBatcher:
         try:
             out = self.engine.generate_tokenized(items, **{**group[0].params, "stop": list(group[0].params["stop"])})
         except Exception as exc:  # noqa: BLE001 - any failure is isolated by splitting
-            if len(group) > 1:
-                half = len(group) // 2
-                log.warning("engine call of %d requests failed (%s); retrying in halves", len(group), exc)
-                self._call_engine(group[:half])
-                self._call_engine(group[half:])
-                return
-            group[0].future.set_exception(_as_task_error(exc))
+            _halve_or_fail(group, exc, retry=self._call_engine, fail=lambda req, error: req.future.set_exception(error),
+                           what="engine call", unit="requests")
             return
         run_ms = (time.monotonic() - started) * 1000
         start = 0
@@ -355,6 +342,25 @@ class TokenBudgetBatcher:
         self._on_batch(BatchStats(kind=group[0].kind, requests=len(group), inputs=len(items),
                                   tokens=sum(len(it.ids) for it in items),
                                   queue_ms=(started - min(r.enqueued for r in group)) * 1000, run_ms=run_ms))
+
+
+def _halve_or_fail(items: list[Any], exc: Exception, *, retry: Callable[[list[Any]], None],
+                   fail: Callable[[Any, TaskError], None], what: str, unit: str) -> None:
+    """After `items` failed together: `retry` each half, so one bad input fails alone and the rest
+    go on; a single item that failed gets the error."""
+    if len(items) > 1:
+        half = len(items) // 2
+        log.warning("%s of %d %s failed (%s); retrying in halves", what, len(items), unit, exc)
+        retry(items[:half])
+        retry(items[half:])
+        return
+    fail(items[0], _as_task_error(exc))
+
+
+def _fail_pooled(item: tuple[_Pooled, int], error: TaskError) -> None:
+    pooled = item[0]
+    pooled.req.future.set_exception(error)
+    pooled.todo.clear()  # its other inputs are not needed; it leaves the pool
 
 
 def _tokens(req: _Request) -> int:

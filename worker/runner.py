@@ -1,5 +1,5 @@
-"""One task's whole life, the same for every door: decode → already done? → cached? → engine (via
-the batcher) → result → create-only write (then its cache entry) → outcome. The door turns the
+"""One task's whole life, the same for every door: decode → already done? → within this worker's
+limits, and cached? → engine (via the batcher) → result → create-only write (then its cache entry) → outcome. The door turns the
 outcome into ack/nack or an HTTP status, and only after this returns, so "write, then acknowledge"
 lives here alone."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ from schemas.result import Result, ResultStatus, Timings
 from worker.batcher import ShuttingDown, Timed
 from worker.cache import CacheEntry, ResultCache, engine_facts
 from worker.store import Store
-from worker.tasks import TaskContext, start_task
+from worker.tasks import TaskContext, check_task, start_task
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,15 @@ class Runner:
             done.set_result(self._settled(Outcome.RETRY, None, task.task_id))
             return
         key = self.cache.key_for(task) if self.cache is not None else None
-        if key is not None and (entry := self._lookup(task, key)) is not None:
-            done.set_result(self._write(name, self._cached_result(task, entry, attempt, started)))
-            return
+        if key is not None:
+            try:  # this worker's own limits first: another worker's entry may answer what it would refuse
+                check_task(task, self.ctx)
+            except TaskError as exc:
+                done.set_result(self._write(name, self._error_result(task, exc, attempt, started)))
+                return
+            if (entry := self._lookup(task, key)) is not None:
+                done.set_result(self._write(name, self._cached_result(task, entry, attempt, started)))
+                return
         try:
             running = start_task(task, self.ctx)
         except ShuttingDown:

@@ -93,3 +93,31 @@ def test_valid_envelope_round_trips_and_results_serialise() -> None:
     assert again == env
     result = Result(task_id=env.task_id, custom_id=env.custom_id, kind=env.kind, status=ResultStatus.OK)
     assert json.loads(result.model_dump_json())["status"] == "ok"
+
+
+def _without_cache_field(schema: dict) -> dict:
+    """The envelope schema as a reader from before the `cache` field saw it (unknown fields refused)."""
+    older = json.loads(json.dumps(schema))
+    for definition in older["$defs"].values():
+        definition.get("properties", {}).pop("cache", None)
+    return older
+
+
+def test_an_envelope_is_written_so_a_reader_from_before_the_cache_field_takes_it() -> None:
+    # Given the published envelope schema as a reader from before `cache` had it (additional properties refused)
+    older = _without_cache_field(json.loads((SCHEMA_DIR / "envelope.schema.json").read_text()))
+    assert "cache" in json.dumps(json.loads((SCHEMA_DIR / "envelope.schema.json").read_text()))
+    # When a task that keeps the cache and one that opts out are written as publishers write them
+    keeps = decode_envelope(_task(batch_id="b-1"))
+    opts_out = keeps.model_copy(update={"cache": False})
+    written_keeps, written_opts_out = json.loads(keeps.model_dump_json()), json.loads(opts_out.model_dump_json())
+    # Then the first carries no `cache` field and the older reader takes it; the second says cache false
+    # (which only a reader that knows the field can honour, so the older one refuses it rather than ignore it)
+    assert "cache" not in written_keeps
+    jsonschema.validate(written_keeps, older)
+    assert written_opts_out["cache"] is False
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(written_opts_out, older)
+    # And both read back as written, with the default filled in
+    assert decode_envelope(keeps.model_dump_json().encode()).cache is True
+    assert decode_envelope(opts_out.model_dump_json().encode()) == opts_out

@@ -39,10 +39,10 @@ from worker.tasks import TaskContext
 ENGINE_METHODS = ("tokenize", "embed_pass", "generate_tokenized")
 
 
-def counting_engine(engine: Engine) -> tuple[Engine, Counter]:
+def counting_engine(engine: Engine, *, max_new_tokens: int | None = None) -> tuple[Engine, Counter]:
     """The session's model behind an engine of its own whose work methods count their calls and call through."""
     clone = Engine(engine.model, max_input_tokens=engine.max_input_tokens, token_budget=engine.token_budget,
-                   max_batch_size=engine.max_batch_size, max_new_tokens=engine.max_new_tokens)
+                   max_batch_size=engine.max_batch_size, max_new_tokens=max_new_tokens or engine.max_new_tokens)
     calls: Counter = Counter()
     for name in ENGINE_METHODS:
         real = getattr(clone, name)
@@ -95,11 +95,12 @@ class Rig:
 def make_rig(engine: Engine, tmp_path: Path) -> Iterator[Any]:
     made: list[tuple[TokenBudgetBatcher, Runner]] = []
 
-    def make(*, result_cache: bool = True, store: Store | None = None) -> Rig:
-        counted, calls = counting_engine(engine)
+    def make(*, result_cache: bool = True, store: Store | None = None, max_new_tokens: int | None = None,
+             max_texts_per_task: int = 256) -> Rig:
+        counted, calls = counting_engine(engine, max_new_tokens=max_new_tokens)
         stats = Stats()
         batcher = TokenBudgetBatcher(counted, max_wait_s=0.01, on_batch=stats.on_batch).start()
-        settings = Settings(device="cpu", result_cache=result_cache)
+        settings = Settings(device="cpu", result_cache=result_cache, max_texts_per_task=max_texts_per_task)
         store = store or LocalStore(tmp_path / "results")
         runner = Runner(ctx=TaskContext(settings=settings, engine=counted, batcher=batcher), store=store,
                         on_outcome=stats.on_outcome, on_cache=stats.on_cache)
@@ -235,6 +236,29 @@ def test_a_worker_with_the_cache_off_neither_reads_nor_writes_it(make_rig: Any) 
     # Then both ran the model, nothing was looked up, and no entry was added
     assert not same.cached and not new.cached and off.engine_calls() == 2
     assert sum(off.stats.cache.values()) == 0 and len(off.entries()) == 1
+
+
+def test_a_worker_answers_from_the_cache_only_what_its_own_limits_allow(make_rig: Any) -> None:
+    # Given a worker with generous limits that answered 3-text and 2-text embed tasks and an 8-token generation
+    roomy = make_rig()
+    three = ["limits first", "then the cache", "then the model"]
+    _, embedded = roomy.run(_embed("l-1", three))
+    _, two = roomy.run(_embed("l-2", three[:2]))
+    _, generated = roomy.run(_generate("l-3", "The capital of France is", max_tokens=8))
+    assert not embedded.cached and not two.cached and not generated.cached and len(roomy.entries()) == 3
+    # When a worker on the same results location, allowing 2 texts per task and 4 new tokens, gets both again
+    strict = make_rig(store=roomy.store, max_new_tokens=4, max_texts_per_task=2)
+    _, too_many = strict.run(_embed("l-4", three))
+    _, too_long = strict.run(_generate("l-5", "The capital of France is", max_tokens=8))
+    # Then it refuses both as it would without the cache, never looking them up or running the model
+    assert too_many.status.value == too_long.status.value == "error" and not too_many.cached and not too_long.cached
+    assert too_many.error.code == ErrorCode.TOO_MANY_INPUTS and "max_texts_per_task=2" in too_many.error.message
+    assert too_long.error.code == ErrorCode.MAX_TOKENS_OUT_OF_RANGE and "max_new_tokens=4" in too_long.error.message
+    assert sum(strict.stats.cache.values()) == 0 and strict.engine_calls() == 0
+    # And a task within its limits is still answered from the cache, without the model
+    _, within = strict.run(_embed("l-6", three[:2]))
+    assert within.cached and within.output == two.output
+    assert strict.stats.cache == Counter({"hit": 1}) and strict.engine_calls() == 0
 
 
 def test_store_faults_on_the_cache_path_never_fail_the_task(make_rig: Any, tmp_path: Path,

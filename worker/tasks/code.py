@@ -83,9 +83,14 @@ def render_prompt(chunk: str, *, filename: str | None, language: str | None) -> 
     return f"{PROMPT_HEAD}File: {name} ({language or 'unknown'})\n{body}\nJSON: "
 
 
+def check(task: CodeTask, ctx: TaskContext) -> None:
+    """This worker's limits on the task's parameters (no tokenizing)."""
+    ctx.engine.check_generate_args(max_new_tokens=task.payload.max_tokens, temperature=0.0, top_p=1.0, stop=None)
+
+
 def start(task: CodeTask, ctx: TaskContext) -> Started:
     p = task.payload
-    ctx.engine.check_generate_args(max_new_tokens=p.max_tokens, temperature=0.0, top_p=1.0, stop=None)
+    check(task, ctx)
     if p.language:
         language, source = p.language.strip().lower(), "payload"
     else:

@@ -8,13 +8,19 @@ from worker.engine import Embeddings
 from worker.tasks.base import Started, TaskContext
 
 
-def start(task: EmbedTask, ctx: TaskContext) -> Started:
+def check(task: EmbedTask, ctx: TaskContext) -> int | None:
+    """This worker's limits on the task's parameters (no tokenizing); the `dims` to use."""
     payload = task.payload
     limit = ctx.settings.max_texts_per_task
     if len(payload.texts) > limit:
         raise TaskError(ErrorCode.TOO_MANY_INPUTS,
                         f"{len(payload.texts)} texts in one task; the limit is max_texts_per_task={limit}")
-    dims = ctx.engine.check_dims(payload.dims)
+    return ctx.engine.check_dims(payload.dims)
+
+
+def start(task: EmbedTask, ctx: TaskContext) -> Started:
+    payload = task.payload
+    dims = check(task, ctx)
     items = ctx.engine.tokenize(payload.texts, truncate=payload.truncate, what="text")
     future = ctx.batcher.submit_embed(items, dims=dims, normalize=payload.normalize)
 

@@ -8,10 +8,16 @@ from worker.engine import Generation
 from worker.tasks.base import Started, TaskContext
 
 
+def check(task: GenerateTask, ctx: TaskContext) -> list[str]:
+    """This worker's limits on the task's parameters (no tokenizing); the stop strings to use."""
+    p = task.payload
+    return ctx.engine.check_generate_args(max_new_tokens=p.max_tokens, temperature=p.temperature,
+                                          top_p=p.top_p, stop=p.stop)
+
+
 def start(task: GenerateTask, ctx: TaskContext) -> Started:
     p = task.payload
-    stops = ctx.engine.check_generate_args(max_new_tokens=p.max_tokens, temperature=p.temperature,
-                                           top_p=p.top_p, stop=p.stop)
+    stops = check(task, ctx)
     # Compiled here, before the batch: a malformed schema fails this task alone, at once.
     schema = None if p.response_schema is None else ctx.engine.check_response_schema(p.response_schema, stop=stops)
     items = ctx.engine.tokenize([p.prompt], truncate=p.truncate, limit=ctx.engine.prompt_limit(p.max_tokens),

@@ -32,9 +32,14 @@ def render_prompt(chunk: str, *, title: str | None) -> str:
     return f"{PROMPT_HEAD}{heading}Text: {chunk.strip()}\nJSON: "
 
 
+def check(task: GraphTask, ctx: TaskContext) -> None:
+    """This worker's limits on the task's parameters (no tokenizing)."""
+    ctx.engine.check_generate_args(max_new_tokens=task.payload.max_tokens, temperature=0.0, top_p=1.0, stop=None)
+
+
 def start(task: GraphTask, ctx: TaskContext) -> Started:
     p = task.payload
-    ctx.engine.check_generate_args(max_new_tokens=p.max_tokens, temperature=0.0, top_p=1.0, stop=None)
+    check(task, ctx)
     overhead = len(ctx.engine.tokenizer(render_prompt("", title=p.title))["input_ids"]) + 1
     size = chunk_limit(ctx.engine, prompt_overhead=overhead, max_tokens=p.max_tokens, requested=p.chunk_tokens)
     chunks = split_into_chunks(ctx.engine, p.text, chunk_tokens=size, what="text")
