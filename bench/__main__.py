@@ -4,9 +4,11 @@
     python -m bench --quick                  # small sizes, a few minutes: a smoke run, not a claim
     python -m bench --sections embedding --sweep
     python -m bench --sections compile       # embedding with --compile against eager
+    python -m bench --sections head          # the greedy head's screens against the full layer (a minute)
 
 Sections, each measured in this one process against peers on the same inputs (see each module):
-generation and continuous batching against fixed waves (bench/generation.py), embedding and
+generation and continuous batching against fixed waves (bench/generation.py), the greedy head's
+screens against the full output layer (bench/head.py), embedding and
 embedding with --compile against eager
 (bench/embedding.py), pipeline efficiency, cold start and memory (bench/pipeline.py), and the
 lossy int8 and int4 modes against fp32 (bench/quantized.py; the generation section also times
@@ -25,15 +27,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench import embedding, generation, pipeline, quantized
+from bench import embedding, generation, head, pipeline, quantized
 from bench.common import chosen_sections, machine, peak_rss, table, timed
 from worker.engine import build_engine
 from worker.settings import EMBEDDED_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("generation", "refill", "embedding", "compile", "pipeline", "int8", "int4")
-FULL = {"prompts": 64, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000, "int8_texts": 500, "int8_prompts": 16}
-QUICK = {"prompts": 16, "naive_every": 4, "texts": 300, "pipeline_texts": 300, "int8_texts": 100, "int8_prompts": 4}
+SECTIONS = ("generation", "refill", "head", "embedding", "compile", "pipeline", "int8", "int4")
+FULL = {"prompts": 64, "head_prompts": 16, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000, "int8_texts": 500, "int8_prompts": 16}
+QUICK = {"prompts": 16, "head_prompts": 4, "naive_every": 4, "texts": 300, "pipeline_texts": 300, "int8_texts": 100, "int8_prompts": 4}
 
 
 class PeerMissing(RuntimeError):
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        generation.render),
         "refill": (lambda: generation.refill(engine, n=sizes["prompts"], max_new_tokens=64, stop=["."]),
                    generation.render_refill),
+        "head": (lambda: head.measure(engine, n=sizes["head_prompts"]), head.render),
         "embedding": (lambda: embedding.measure(engine, settings, n=sizes["texts"]), embedding.render),
         "compile": (lambda: embedding.compiled(engine, n=sizes["texts"]), embedding.render_compiled),
         "pipeline": (lambda: pipeline.measure(engine, settings, n=sizes["pipeline_texts"]), pipeline.render),

@@ -144,3 +144,21 @@ def test_the_generation_section_times_the_head_screen_against_the_full_layer(eng
     # and the timed run's greedy rows were counted: one per prompt for the first token, one per step after
     assert screen["screened_rows"] + screen["full_rows"] >= got["ours"]["tokens"] and screen["screened_rows"] > 0
     assert engine.decoder.screen_wanted and "ours, --no-head-screen" in render(got)
+
+
+def test_the_head_section_times_each_screen_against_the_full_layer_on_real_decode_states(engine) -> None:
+    from bench.head import measure, render
+
+    # Given the real engine / When the head section runs on the states of 3 prompts x 4 tokens,
+    # at 1 and 4 rows per call
+    got = measure(engine, n=3, steps=4, rows=(1, 4), calls=2, rounds=1)
+    # Then it captured one state per greedy row the decoder asked for, and left the decoder as it was
+    assert got["states"] == 3 * 4 and "best" not in vars(engine.decoder)
+    # and timed the full layer and both screens (this CPU has the int4 kernel) at each size
+    assert set(got["ms_per_call"]) == {"1", "4"}
+    assert all(set(ms) == {"full", "bf16", "int4"} and min(ms.values()) > 0 for ms in got["ms_per_call"].values())
+    # and every row a screen vouched for got the full layer's token: 2 calls of 1 row and 2 of 4
+    for kind in ("bf16", "int4"):
+        record = got["screens"][kind]
+        assert record["answered"] == 10 and record["same_as_full"] == record["vouched"] >= 8
+    assert got["choose_kind"] in ("bf16", "int4") and "bf16 is" in render(got) and "int4 screen: built in" in render(got)
