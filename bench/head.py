@@ -76,7 +76,8 @@ def measure(engine: Engine, *, n: int = 16, steps: int = 16, rows: tuple[int, ..
                     record = result["screens"][kind]
                     record["answered"] += len(full)
                     record["vouched"] += int(sure.sum())
-                    record["same_as_full"] += sum(1 for t, f, s in zip(ids.tolist(), full, sure.tolist()) if s and t == f)
+                    record["same_as_full"] += sum(1 for token, want, vouched in zip(ids.tolist(), full, sure.tolist())
+                                                  if vouched and token == want)
             spent = dict.fromkeys(contenders, 0.0)
             for name in contenders:  # warm each kernel at this size
                 contenders[name](slices[0])
@@ -103,6 +104,6 @@ def render(r: dict[str, Any]) -> str:
              f"rounds; this CPU's decoder picks {r['choose_kind']}, bf16 probe {r['bf16_speedup_probe']:.2f}x fp32)",
              table(["rows", "full layer fp32", *[f"{k} screen" for k in kinds], *[f"{k} is" for k in kinds]], rows)]
     for kind, s in r["screens"].items():
-        lines.append(f"{kind} screen: built in {s['build_s']:.2f} s; vouched for {s['vouched']} of {s['answered']} rows, "
-                     f"{s['same_as_full']} of them the full layer's token")
+        lines.append(f"{kind} screen: built in {s['build_s']:.2f} s; vouched for {s['vouched']} of "
+                     f"{s['answered']} rows, {s['same_as_full']} of them the full layer's token")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """One task's whole life, the same for every door: decode → already done? → within this worker's
-limits, and cached? → engine (via the batcher) → result → create-only write (then its cache entry) → outcome. The door turns the
-outcome into ack/nack or an HTTP status, and only after this returns, so "write, then acknowledge"
-lives here alone."""
+limits, and cached? → engine (via the batcher) → result → create-only write (then its cache
+entry) → outcome. The door turns the outcome into ack/nack or an HTTP status, and only after this
+returns, so "write, then acknowledge" lives here alone."""
 from __future__ import annotations
 
 import logging

@@ -161,4 +161,5 @@ def test_the_head_section_times_each_screen_against_the_full_layer_on_real_decod
     for kind in ("bf16", "int4"):
         record = got["screens"][kind]
         assert record["answered"] == 10 and record["same_as_full"] == record["vouched"] >= 8
-    assert got["choose_kind"] in ("bf16", "int4") and "bf16 is" in render(got) and "int4 screen: built in" in render(got)
+    text = render(got)
+    assert got["choose_kind"] in ("bf16", "int4") and "bf16 is" in text and "int4 screen: built in" in text
