@@ -69,9 +69,9 @@ def measure(engine: Engine, *, n: int = 16, steps: int = 16, rows: tuple[int, ..
             slices = [states[i * size: (i + 1) * size] for i in range(calls) if (i + 1) * size <= states.shape[0]]
             if not slices:
                 continue
-            for kind, screen in screens.items():  # agreement, once per slice
-                for hidden in slices:
-                    full = decoder.best_blocked(hidden)
+            for hidden in slices:  # agreement, once per slice: the full layer's answer, then each screen's
+                full = decoder.best_blocked(hidden)
+                for kind, screen in screens.items():
                     ids, sure = screen.best(hidden)
                     record = result["screens"][kind]
                     record["answered"] += len(full)
