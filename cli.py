@@ -89,17 +89,20 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from worker.devservices import ServiceError
-        from worker.model.source import ModelSourceError
-
         try:
             return fn(*args, **kwargs)
         except TaskError as exc:
             raise CliError(f"[{exc.code.value}] {exc.message}") from None
-        except ModelSourceError as exc:
-            raise CliError(f"[model_unavailable] {exc}") from None
-        except ServiceError as exc:
-            raise CliError(f"[{exc.code}] {exc}") from None
+        except Exception as exc:
+            # Imported only now: worker.model loads torch, which a refused argument need not wait for.
+            from worker.devservices import ServiceError
+            from worker.model.source import ModelSourceError
+
+            if isinstance(exc, ModelSourceError):
+                raise CliError(f"[model_unavailable] {exc}") from None
+            if isinstance(exc, ServiceError):
+                raise CliError(f"[{exc.code}] {exc}") from None
+            raise
 
     return wrapper
 
@@ -149,9 +152,12 @@ def model_prepare(*, settings: Settings) -> None:
 @guarded
 def embed(*, texts: tuple[str, ...], dims: int | None, no_normalize: bool, truncate: bool, settings: Settings) -> None:
     """Embed TEXT... ('-' reads lines from stdin); prints one JSON line per text, in order."""
-    from worker.engine import build_engine
+    from worker.checks import check_texts
 
     inputs = read_inputs(texts)
+    check_texts(inputs, what="text")  # before torch and the model load: a bad argument fails at once
+    from worker.engine import build_engine
+
     engine = build_engine(settings)
     out = engine.embed(inputs, dims=dims, normalize=not no_normalize, truncate=truncate)
     for i, vector in enumerate(out.vectors):
@@ -172,9 +178,15 @@ def embed(*, texts: tuple[str, ...], dims: int | None, no_normalize: bool, trunc
 def generate(*, prompts: tuple[str, ...], max_tokens: int, temperature: float, top_p: float, stop: tuple[str, ...],
              seed: int | None, truncate: bool, settings: Settings) -> None:
     """Complete PROMPT... ('-' reads lines from stdin); prints one JSON line per prompt, in order."""
-    from worker.engine import build_engine
+    from worker.checks import check_sampling, check_texts
 
     inputs = read_inputs(prompts)
+    # before torch and the model load: a bad argument fails at once
+    check_sampling(max_new_tokens=max_tokens, limit=settings.max_new_tokens, temperature=temperature, top_p=top_p,
+                   stop=list(stop))
+    check_texts(inputs, what="prompt")
+    from worker.engine import build_engine
+
     engine = build_engine(settings)
     outs = engine.generate(inputs, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                            stop=list(stop), seed=seed, truncate=truncate)

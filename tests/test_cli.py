@@ -62,9 +62,6 @@ def test_quantize_int4_reaches_the_engine_from_the_command_line(engine: Engine) 
     ("args", "words"),
     [
         (["embed", "hello", "--dims", "0"], "[invalid_parameter] dims must be an integer from 1 to 640"),
-        (["embed", ""], "[empty_input] text 0 is empty"),
-        (["generate", "hi", "--max-tokens", "-2"], "[max_tokens_out_of_range]"),
-        (["generate", "hi", "--temperature", "-1"], "[invalid_parameter] temperature"),
         (["embed", "x", "--model", "/nowhere/model.gguf"], "[model_unavailable]"),
     ],
 )
@@ -74,6 +71,28 @@ def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], words: str) -
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert words in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["embed", ""], "[empty_input] text 0 is empty"),
+        (["embed", "a", " "], "[empty_input] text 1 is empty"),
+        (["generate", "hi", ""], "[empty_input] prompt 1 is empty"),
+        (["generate", "hi", "--max-tokens", "-2"], "[max_tokens_out_of_range]"),
+        (["generate", "hi", "--temperature", "-1"], "[invalid_parameter] temperature must be a finite number >= 0"),
+        (["generate", "hi", "--temperature", "1e-9"], "temperature must be 0 (greedy) or at least"),
+        (["generate", "hi", "--top-p", "0"], "[invalid_parameter] top_p must be in (0, 1]"),
+        (["generate", "hi", "--stop", ""], "[invalid_parameter] stop strings must be non-empty"),
+    ],
+)
+def test_arguments_that_need_no_model_are_refused_before_it_is_looked_for(args: list[str], words: str) -> None:
+    # Given a bad argument the model plays no part in, and a model that does not exist
+    # When run / Then exit code 2 and one clear line naming the argument: it was checked before the
+    # model was looked for (a user waits for no model load to learn of a typo)
+    result = run_cli(*args, "--model", "/nowhere/model.gguf", "--device", "cpu")
+    assert result.returncode == 2 and words in result.stderr, (result.stdout, result.stderr)
+    assert "model_unavailable" not in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.emulator

@@ -22,11 +22,13 @@ from worker.store import GCSStore
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.reliability]
 
-# `make test` runs a lighter crash and flood so the whole suite stays well under 30 minutes;
-# `make test-reliability` runs the full sizes (500 tasks and three kills; 5,000 queued tasks).
+# `make test` runs a lighter crash, graceful stop and flood so the whole suite stays well under 30
+# minutes; `make test-reliability` runs the full sizes (500 tasks and three kills; 300 tasks; 5,000
+# queued tasks).
 FULL = os.environ.get("GEMMA_BATCH_RELIABILITY") == "full"
-CRASH_TASKS = 500 if FULL else 200
-FLOOD_TASKS = 5000 if FULL else 1500
+CRASH_TASKS = 500 if FULL else 120
+STOP_TASKS = 300 if FULL else 150
+FLOOD_TASKS = 5000 if FULL else 1000
 
 
 def _tasks(prefix: str, n: int, docstrings: list[str], *, chars: int = 300) -> list[tuple[bytes, dict[str, str]]]:
@@ -55,7 +57,7 @@ def _results(store: GCSStore) -> str:
 
 def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStore, tmp_path: Path,
                                                  docstrings: list[str]) -> None:
-    # Given 500 tasks (200 in the light run) and a worker SIGKILLed at three random moments mid-batch
+    # Given 500 tasks (120 in the light run) and a worker SIGKILLed at three random moments mid-batch
     topic, subscription = new_topic(TEST_PROJECT)
     # Texts of a few hundred tokens keep each engine call to a few dozen tasks, so the kills land
     # mid-run; the kill points are drawn from the first three quarters of the run.
@@ -89,7 +91,7 @@ def test_sigterm_exits_within_10s_and_the_rest_is_redelivered(pubsub_emulator, s
                                                               docstrings: list[str]) -> None:
     # Given a worker busy with a large batch of long texts
     topic, subscription = new_topic(TEST_PROJECT)
-    publish_raw(topic, _tasks("term", 300, docstrings, chars=1500))
+    publish_raw(topic, _tasks("term", STOP_TASKS, docstrings, chars=1500))
     first = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "first.log")
     first.wait_ready()
     wait_for_count(store, 5, timeout=120)
@@ -98,18 +100,18 @@ def test_sigterm_exits_within_10s_and_the_rest_is_redelivered(pubsub_emulator, s
     written = count_results(store)
     # Then it exits within 10 s, having finished part of the work
     assert first.proc.returncode == 0 and exit_s < 10, (first.proc.returncode, exit_s)
-    assert written < 300
+    assert written < STOP_TASKS
     # And the next worker completes the rest: nothing was acked without its result
     second = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "second.log")
     try:
         second.wait_ready()
-        missing = wait_for(store, [f"adhoc/term-{i}.json" for i in range(300)], timeout=300, worker=second)
+        missing = wait_for(store, [f"adhoc/term-{i}.json" for i in range(STOP_TASKS)], timeout=300, worker=second)
     finally:
         second.stop()
     assert not missing, f"{len(missing)} missing"
-    _assert_exactly_one_valid_result_each(store, "term", 300)
-    record("graceful_stop", tasks=300, exit_seconds=round(exit_s, 2), results_before_stop=written,
-           results=300, lost=0)
+    _assert_exactly_one_valid_result_each(store, "term", STOP_TASKS)
+    record("graceful_stop", tasks=STOP_TASKS, exit_seconds=round(exit_s, 2), results_before_stop=written,
+           results=STOP_TASKS, lost=0)
 
 
 def test_two_workers_and_duplicate_publishes_give_one_result_per_task(pubsub_emulator, store: GCSStore,
@@ -206,7 +208,7 @@ def test_broker_restart_mid_run_the_worker_reconnects_and_finishes(tmp_path: Pat
 
 
 def test_flood_of_5000_tasks_keeps_memory_bounded(pubsub_emulator, store: GCSStore, tmp_path: Path) -> None:
-    # Given 5,000 tasks (1,500 in the light run) queued before the worker starts, and flow control of
+    # Given 5,000 tasks (1,000 in the light run) queued before the worker starts, and flow control of
     # 100 messages in flight
     topic, subscription = new_topic(TEST_PROJECT, ack_deadline_seconds=60)
     publish_raw(topic, [(json.dumps({"task_id": f"flood-{i}", "kind": "embed",
