@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from worker.model import head_screen
+from worker.model.table import Int8Table
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,12 @@ class Decoder:
     """The prefill → merge → decode loop over one model. Stateless between calls, but for the
     greedy head's screen (built once greedy work has earned it) and its counters."""
 
-    def __init__(self, lm: torch.nn.Module, *, pad_id: int, device: torch.device, screen: bool = True) -> None:
+    def __init__(self, lm: torch.nn.Module, *, pad_id: int, device: torch.device, screen: bool = True,
+                 table: Int8Table | None = None) -> None:
         self.lm = lm
+        # The output layer's rows as int8 blocks (worker/model/table.py), where the loader found them
+        # exact: the greedy head and its screens read those, never the fp32 table's pages.
+        self.table = table
         self.config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self.pad_id = pad_id
         self.device = device
@@ -185,7 +190,7 @@ class Decoder:
                 self.screen_wanted = False
                 log.info("greedy head: no screen applies, scoring every word in fp32")
                 return None
-            self._screen = head_screen.build(self.head, kind)
+            self._screen = head_screen.build(self.head, kind, self.table)
             log.info("greedy head screen built in %.1fs (%s copy of the output layer, candidates re-scored in fp32)",
                      time.monotonic() - started, kind)
         return self.screen
@@ -257,8 +262,8 @@ class Decoder:
         best_id = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
         step = self.vocab_block
         for start in range(0, weight.shape[0], step):
-            block = torch.nn.functional.linear(hidden, weight[start: start + step],
-                                               None if bias is None else bias[start: start + step])
+            rows = weight[start: start + step] if self.table is None else self.table.block(start, start + step)
+            block = torch.nn.functional.linear(hidden, rows, None if bias is None else bias[start: start + step])
             if self.softcap is not None:
                 block = torch.tanh(block / self.softcap) * self.softcap
             score, index = block.max(dim=-1)

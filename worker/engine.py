@@ -17,6 +17,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from schemas.errors import ErrorCode, TaskError
+from worker.checks import check_sampling, check_texts
 from worker.constrained import CompiledSchema, GrammarRows, SchemaGrammars
 from worker.decode import Decoder, fits, sliding_window
 from worker.decoding import RowSampler, StopOnStrings, cut_at_stop, stop_window
@@ -30,9 +31,6 @@ log = logging.getLogger(__name__)
 # against padding when it decides where one batch ends (measured by `python -m bench --sweep`).
 BATCH_OVERHEAD = 128
 
-# Below this the sampler's logits / temperature overflow to inf (measured: 1e-45 fails, 1e-30 does
-# not); such a temperature is greedy in all but name, so it is refused rather than half-supported.
-MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,8 @@ class Engine:
         # Key/value slots (rows x positions) one merged decode batch may hold: 600 MB of cache for
         # this model in fp32 on CPU (see default_decode_tokens).
         self.decode_tokens = default_decode_tokens(self.device)
-        self.decoder = (Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device, screen=head_screen)
+        self.decoder = (Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device, screen=head_screen,
+                                table=model.table)
                         if model.lm is not None else None)
         self._compiled_forward: Any = None  # set by compile_embedding
         self.batched_decode = True  # False: every batch through `generate` (the unoptimised path, for comparison)
@@ -140,15 +139,7 @@ class Engine:
     def tokenize(self, texts: Sequence[str], *, truncate: bool, limit: int | None = None,
                  what: str = "input") -> list[Tokenized]:
         """Token ids per text, cut at the limit when `truncate`, else a clear error naming the limit."""
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise TaskError(ErrorCode.INVALID_FIELD, f"{what}s must be a list of strings")
-        if not texts:
-            raise TaskError(ErrorCode.EMPTY_INPUT, f"no {what}s given: pass at least one")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TaskError(ErrorCode.INVALID_FIELD, f"{what} {i} is {type(text).__name__}, not a string")
-            if not text.strip():
-                raise TaskError(ErrorCode.EMPTY_INPUT, f"{what} {i} is empty")
+        check_texts(texts, what=what)
         limit = self.max_input_tokens if limit is None else limit
         # A text far over the limit is tokenized only as far as needed: no token is longer than
         # `max_token_chars`, so that many characters per allowed token (plus slack for the
@@ -246,20 +237,8 @@ class Engine:
                             stop: Sequence[str] | None) -> list[str]:
         if self.model.lm is None:
             raise TaskError(ErrorCode.UNSUPPORTED_KIND, f"model {self.name} is embedding-only and cannot generate")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.max_new_tokens:
-            raise TaskError(ErrorCode.MAX_TOKENS_OUT_OF_RANGE,
-                            f"max_new_tokens must be from 1 to max_new_tokens={self.max_new_tokens}, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-            raise TaskError(ErrorCode.INVALID_PARAMETER, f"temperature must be a finite number >= 0, got {temperature!r}")
-        if 0 < temperature < MIN_TEMPERATURE:
-            raise TaskError(ErrorCode.INVALID_PARAMETER,
-                            f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not math.isfinite(top_p) or not 0 < top_p <= 1:
-            raise TaskError(ErrorCode.INVALID_PARAMETER, f"top_p must be in (0, 1], got {top_p!r}")
-        stops = list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise TaskError(ErrorCode.INVALID_PARAMETER, "stop strings must be non-empty strings")
-        return stops
+        return check_sampling(max_new_tokens=max_new_tokens, limit=self.max_new_tokens, temperature=temperature,
+                              top_p=top_p, stop=stop)
 
     @functools.cached_property
     def grammars(self) -> SchemaGrammars:

@@ -51,10 +51,14 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from worker.model import int4
+
+if TYPE_CHECKING:
+    from worker.model.table import Int8Table
 
 CANDIDATES = 256  # words re-scored in fp32 per row (int4)
 SIGMAS = 8.0
@@ -112,13 +116,28 @@ def choose_kind(head: torch.nn.Linear) -> str | None:
     return "int4" if int4_applies(head) else None
 
 
-def build(head: torch.nn.Linear, kind: str) -> HeadScreen | Bf16Screen:
-    """The screen of that kind (`choose_kind`) over this output layer."""
+def build(head: torch.nn.Linear, kind: str, table: Int8Table | None = None) -> HeadScreen | Bf16Screen:
+    """The screen of that kind (`choose_kind`) over this output layer (its fp32 rows read from
+    `table` where the word table is held as int8 blocks, `worker/model/table.py`)."""
     if kind == "bf16":
-        return Bf16Screen(head)
+        return Bf16Screen(head, table)
     if kind == "int4":
-        return HeadScreen(head)
+        return HeadScreen(head, table)
     raise ValueError(f"no head screen of kind {kind!r}")
+
+
+class WeightRows:
+    """An fp32 weight's rows, read as `Int8Table` hands out its own (the screens read either)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.detach()
+        self.shape = weight.shape
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        return self.weight[start:stop]
 
 
 class HeadScreen:
@@ -126,13 +145,14 @@ class HeadScreen:
 
     kind = "int4"
 
-    def __init__(self, head: torch.nn.Linear) -> None:
-        self.weight = head.weight  # the layer's own fp32 weights (shared, not copied)
-        words, width = self.weight.shape
+    def __init__(self, head: torch.nn.Linear, table: Int8Table | None = None) -> None:
+        # the layer's own fp32 rows (shared, not copied)
+        self.source = table if table is not None else WeightRows(head.weight)
+        words, width = self.source.shape
         packed, scales, residuals = [], [], []
         with torch.no_grad():
             for start in range(0, words, int4.CHUNK_ROWS):
-                rows = self.weight[start: start + int4.CHUNK_ROWS]
+                rows = self.source.block(start, start + int4.CHUNK_ROWS)
                 codes, so = int4.quantize_groups(rows, refits=0)
                 residuals.append(torch.linalg.vector_norm(int4.dequantize(codes, so) - rows, dim=1))
                 packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
@@ -153,7 +173,7 @@ class HeadScreen:
         no word outside the candidates comes within the margin of that best score)."""
         scores = self.scores(hidden)
         top = scores.topk(CANDIDATES, dim=1)
-        exact = torch.bmm(self.weight[top.indices], hidden.unsqueeze(2)).squeeze(2)
+        exact = torch.bmm(self.source.rows(top.indices), hidden.unsqueeze(2)).squeeze(2)
         high = exact.max(dim=1).values
         ids = torch.where(exact == high[:, None], top.indices, torch.iinfo(torch.long).max).min(dim=1).values
         norms = torch.linalg.vector_norm(hidden, dim=1)
@@ -175,11 +195,18 @@ class Bf16Screen:
 
     kind = "bf16"
 
-    def __init__(self, head: torch.nn.Linear) -> None:
-        self.weight = head.weight  # the layer's own fp32 weights (shared, not copied)
+    def __init__(self, head: torch.nn.Linear, table: Int8Table | None = None) -> None:
+        # the layer's own fp32 rows (shared, not copied)
+        self.source = table if table is not None else WeightRows(head.weight)
+        words = self.source.shape[0]
+        self.low = torch.empty(tuple(self.source.shape), dtype=torch.bfloat16)
+        largest = 0.0
         with torch.no_grad():
-            self.low = self.weight.detach().to(torch.bfloat16)
-            self.largest_norm = float(torch.linalg.vector_norm(self.weight.detach(), dim=1).max())
+            for start in range(0, words, int4.CHUNK_ROWS):  # by slices: no second fp32 table at once
+                rows = self.source.block(start, start + int4.CHUNK_ROWS)
+                self.low[start: start + rows.shape[0]] = rows.to(torch.bfloat16)
+                largest = max(largest, float(torch.linalg.vector_norm(rows, dim=1).max()))
+        self.largest_norm = largest
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every word's screen score (the bf16 kernel's bf16 output, in fp32), all at once."""
@@ -224,7 +251,7 @@ class Bf16Screen:
         sure = (count > 0) & (count <= MAX_CANDIDATES)  # a row with none (not finite) is not vouched for
         kept = sure[row]
         row, word = row[kept], word[kept]
-        exact = (self.weight[word] * hidden[row]).sum(dim=1)
+        exact = (self.source.rows(word) * hidden[row]).sum(dim=1)
         best_score = torch.full((rows,), float("-inf"), dtype=exact.dtype).scatter_reduce(0, row, exact, "amax")
         none = torch.iinfo(torch.long).max
         ids = torch.full((rows,), none, dtype=torch.long).scatter_reduce(

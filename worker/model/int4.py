@@ -201,14 +201,18 @@ def _untouched_file_pages(first: int, last: int) -> bool:
     return bool(np.all(file_page | ~used))
 
 
-def release_file_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> bool:
+def release_file_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]], *, whole_storage: bool = True) -> bool:
     """Drop this process's resident pages of a tensor that lies in a file mapping
     (`madvise(MADV_DONTNEED)`), when none of them was ever written: such pages are the file's own
     bytes, so a later read faults them back in unchanged (the tied input embedding keeps working);
     nothing is lost but resident memory. Memory the process owns, a page it wrote, or a platform
-    without madvise is left alone. Returns whether pages were released."""
-    storage = tensor.untyped_storage()
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    without madvise is left alone. `whole_storage=False`: only the pages under this (contiguous)
+    tensor's own elements, not its whole storage. Returns whether pages were released."""
+    if whole_storage:
+        storage = tensor.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    else:
+        start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
     if not any(low <= start and end <= high for low, high in mapped) or not hasattr(mmap, "MADV_DONTNEED"):
         return False
     page = mmap.PAGESIZE

@@ -30,6 +30,7 @@ class LoadedModel:
     max_positions: int
     hidden_size: int
     load_seconds: float
+    table: Any | None = None  # the word table as exact int8 blocks (worker/model/table.py), CPU fp32 only
 
 
 def load_model(prepared: PreparedModel, placement: Placement) -> LoadedModel:
@@ -183,5 +184,9 @@ def load_from_settings(settings: Settings) -> LoadedModel:
     loaded = load_model(prepared, placement)
     if settings.quantize is not None:
         loaded = quantize(loaded, settings.quantize)
+    elif loaded.lm is not None and placement.device.type == "cpu" and placement.dtype == torch.float32:
+        from worker.model import table
+
+        loaded = replace(loaded, table=table.install(loaded.lm))
     log.info("model %s loaded on %s (%s) in %.1fs", loaded.name, placement.device, placement.dtype, loaded.load_seconds)
     return loaded

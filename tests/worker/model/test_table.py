@@ -1,0 +1,101 @@
+"""The word table held as the int8 blocks it came from (worker/model/table.py): every row it gives
+is the checkpoint's fp32 row bit for bit, the embedding and the greedy head read it, and a fresh
+worker keeps none of the fp32 table resident."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from tests.conftest import REPO
+from worker.engine import Engine
+from worker.model.table import exact_blocks
+
+
+def test_the_word_table_gives_back_every_fp32_row_bit_for_bit(engine: Engine) -> None:
+    # Given the engine on CPU (fp32), whose loader found the word table to be int8 blocks
+    table = engine.model.table
+    embedding = engine.model.lm.get_input_embeddings()
+    weight = embedding.weight.detach()
+    assert table is not None and table.codes.dtype == torch.int8 and table.nbytes < weight.nbytes / 3
+    # When every row is read through the table, and through the input embedding (which now uses it)
+    for start in range(0, weight.shape[0], 32_768):
+        ids = torch.arange(start, min(start + 32_768, weight.shape[0]))
+        # Then each is the fp32 checkpoint's row, and each token's input is what Gemma's own
+        # scaled embedding computes from the fp32 table
+        assert torch.equal(table.block(start, start + 32_768), weight[start: start + 32_768])
+        assert torch.equal(table.rows(ids), weight[ids])
+        with torch.no_grad():
+            assert torch.equal(embedding(ids), torch.nn.functional.embedding(ids, weight) * embedding.embed_scale)
+
+
+def test_a_table_that_is_not_int8_blocks_stays_in_fp32(engine: Engine) -> None:
+    # Given real rows of the table, and the same rows with one value nudged by one unit in the last place
+    rows = engine.model.lm.get_input_embeddings().weight.detach()[:64].clone()
+    assert exact_blocks(rows) is not None
+    rows[5, 7] = torch.nextafter(rows[5, 7], torch.tensor(float("inf")))
+    # When blocks are sought / Then none are found (the table would not be exact), nor for random
+    # values or a width that is not a multiple of 32
+    assert exact_blocks(rows) is None
+    assert exact_blocks(torch.randn(64, 640)) is None
+    assert exact_blocks(torch.zeros(4, 20)) is None
+    # and a block of zeros is exact (codes 0)
+    codes, scales = exact_blocks(torch.zeros(4, 64))
+    assert not codes.any() and not scales.any()
+
+
+def test_the_greedy_head_reading_the_table_picks_the_fp32_layers_tokens(engine: Engine) -> None:
+    # Given real final hidden states (the prompts' last positions)
+    decoder = engine.decoder
+    items = engine.tokenize(["The capital of France is", "def add(a, b):", "Pub/Sub delivers messages"],
+                            truncate=False, what="prompt")
+    with torch.no_grad():
+        hidden = torch.cat([engine.model.body(input_ids=torch.tensor([it.ids])).last_hidden_state[:, -1]
+                            for it in items])
+    hidden = torch.cat([hidden, hidden * 0.5, -hidden])
+    # When the full layer's greedy choice is made from the table's blocks and from the fp32 weights
+    assert decoder.table is engine.model.table
+    from_table = decoder.best_blocked(hidden)
+    decoder.table = None
+    try:
+        from_fp32 = decoder.best_blocked(hidden)
+        logits = decoder.logits(hidden)
+    finally:
+        decoder.table = engine.model.table
+    # Then the tokens are the same, and the model's own head's argmax
+    assert from_table == from_fp32 == logits.argmax(dim=-1).tolist()
+
+
+PROBE = """
+import json, mmap, sys
+import numpy as np
+from worker.engine import build_engine
+from worker.settings import Settings
+
+def resident_mb(tensor):
+    storage = tensor.untyped_storage()
+    page = mmap.PAGESIZE
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(storage.data_ptr() // page * 8)
+        entries = np.frombuffer(pagemap.read(storage.nbytes() // page * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page / 2**20
+
+engine = build_engine(Settings(device="cpu"))
+weight = engine.model.lm.get_input_embeddings().weight
+after_build = resident_mb(weight)
+engine.generate(["The capital of France is", "def add(a, b):"], max_new_tokens=8)
+engine.embed(["Pub/Sub delivers at least once."])
+print(json.dumps({"after_build": after_build, "after_work": resident_mb(weight), "table_mb": weight.nbytes / 2**20}))
+"""
+
+
+def test_a_fresh_worker_keeps_none_of_the_fp32_table_resident() -> None:
+    # Given a fresh process that builds the engine as a worker does, then generates and embeds
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # Then of the 640 MiB fp32 table in the memory-mapped checkpoint, at most a few MiB are resident
+    # after the build and after the work (the int8 blocks serve the lookup and the greedy head)
+    assert got["table_mb"] == 640 and got["after_build"] < 16 and got["after_work"] < 16, got

@@ -1,0 +1,104 @@
+"""The word table (input embedding, tied to the output layer) held as the int8 blocks it came from.
+
+A checkpoint converted from GGUF (the embedded Gemma's Q4_K_M file stores this table as Q8_0)
+holds, in fp32, values that are exactly an int8 code times one scale per block of 32: 262,144 x
+640 fp32 words (671 MB) that are really 168 MB of codes and 21 MB of scales. `exact_blocks`
+finds the codes and checks, value by value, that code times scale gives back the fp32 value; only
+then does `Int8Table` stand in for the fp32 table, so every row it hands out is the checkpoint's
+own fp32 row, bit for bit. The fp32 table's pages in the memory-mapped checkpoint are then given
+back (`int4.release_file_pages`); the fp32 parameter stays in place, so anything that still reads
+it (sampling's full logits) reads the same values, faulting its pages back in.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import types
+
+import torch
+
+from worker.model import int4
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32  # values per scale (GGUF Q8_0)
+DERIVE_ROWS = 16_384  # rows per step of `exact_blocks` (42 MB of fp32 at a time)
+
+
+def exact_blocks(weight: torch.Tensor, *, release: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 codes (rows, width), fp32 scales (rows, width / 32)) with codes * scales == weight for
+    every value, or None where the table is not such blocks (a checkpoint not converted from Q8_0).
+    With `release`, each slice's pages in the memory-mapped checkpoint are given back once read, so
+    the fp32 table is never resident whole."""
+    rows, width = weight.shape
+    if weight.dtype != torch.float32 or width % BLOCK:
+        return None
+    codes = torch.empty((rows, width), dtype=torch.int8)
+    scales = torch.empty((rows, width // BLOCK), dtype=torch.float32)
+    mapped = int4.file_ranges() if release else []
+    with torch.no_grad():
+        for start in range(0, rows, DERIVE_ROWS):
+            piece = weight[start: start + DERIVE_ROWS].detach()
+            values = piece.reshape(-1, width // BLOCK, BLOCK)
+            # Q8_0 codes run to +-127 and the largest value of a block has code +-127 exactly, so
+            # |code| <= 127 wherever code * scale gives the value back. A block of zeros divides by
+            # the smallest normal float instead of 0 (codes 0).
+            scale = values.abs().amax(dim=-1, keepdim=True).div_(127)
+            code = (values / scale.clamp_min(torch.finfo(torch.float32).tiny)).round_()
+            if not torch.equal(code * scale, values):
+                return None
+            codes[start: start + DERIVE_ROWS] = code.to(torch.int8).reshape(-1, width)
+            scales[start: start + DERIVE_ROWS] = scale.squeeze(-1).reshape(-1, width // BLOCK)
+            if release:
+                int4.release_file_pages(piece, mapped, whole_storage=False)
+    return codes, scales
+
+
+class Int8Table:
+    """The table as codes and scales; rows come out as the fp32 rows they encode."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        self.codes, self.scales = codes, scales
+        self.shape = codes.shape
+        self.nbytes = codes.nbytes + scales.nbytes
+
+    def _decode(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        values = codes.to(torch.float32)  # a new tensor, scaled in place (a 4,096-row block: 0.5-0.8 ms here)
+        values.view(*codes.shape[:-1], -1, BLOCK).mul_(scales.unsqueeze(-1))
+        return values
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 rows for token ids of any shape (shape + (width,))."""
+        return self._decode(self.codes[ids], self.scales[ids])
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """fp32 rows start..stop, contiguous."""
+        return self._decode(self.codes[start:stop], self.scales[start:stop])
+
+
+def _lookup(self: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Gemma's scaled word embedding (row times `embed_scale`), its rows from the int8 table."""
+    return self.int8_table.rows(input_ids) * self.embed_scale.to(torch.float32)
+
+
+def install(lm: torch.nn.Module) -> Int8Table | None:
+    """Serve the input embedding of a CPU fp32 Gemma from its table's int8 blocks and give the fp32
+    table's checkpoint pages back. Returns the table (for the output layer's greedy path), or None
+    where it does not apply: not a tied fp32 Gemma word table, or values that are not int8 blocks."""
+    embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if (type(embedding).__name__ != "Gemma3TextScaledWordEmbedding" or head is None
+            or head.weight.data_ptr() != embedding.weight.data_ptr() or embedding.weight.device.type != "cpu"):
+        return None
+    started = time.monotonic()
+    found = exact_blocks(embedding.weight, release=True)
+    if found is None:
+        log.info("word table: not int8 blocks, kept in fp32")
+        return None
+    table = Int8Table(*found)
+    embedding.int8_table = table
+    embedding.forward = types.MethodType(_lookup, embedding)
+    released = int4.release_file_pages(embedding.weight, int4.file_ranges())
+    log.info("word table: int8 blocks (%.0f MB for %.0f MB of fp32, exact) in %.1fs; fp32 pages %s",
+             table.nbytes / 1e6, embedding.weight.nbytes / 1e6, time.monotonic() - started,
+             "given back" if released else "kept")
+    return table
