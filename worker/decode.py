@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from worker.model import head_screen
-from worker.model.table import Int8Table
+from worker.model.table import Int8Table, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +260,10 @@ class Decoder:
         weight, bias = self.head.weight, self.head.bias
         best_score = torch.full((hidden.shape[0],), float("-inf"), dtype=hidden.dtype, device=hidden.device)
         best_id = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        step = self.vocab_block
+        source, step = rows_of(self.head, self.table), self.vocab_block
         for start in range(0, weight.shape[0], step):
-            rows = weight[start: start + step] if self.table is None else self.table.block(start, start + step)
-            block = torch.nn.functional.linear(hidden, rows, None if bias is None else bias[start: start + step])
+            block = torch.nn.functional.linear(hidden, source.block(start, start + step),
+                                               None if bias is None else bias[start: start + step])
             if self.softcap is not None:
                 block = torch.tanh(block / self.softcap) * self.softcap
             score, index = block.max(dim=-1)

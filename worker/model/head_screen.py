@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from worker.model import int4
+from worker.model.table import rows_of
 
 if TYPE_CHECKING:
     from worker.model.table import Int8Table
@@ -126,20 +127,6 @@ def build(head: torch.nn.Linear, kind: str, table: Int8Table | None = None) -> H
     raise ValueError(f"no head screen of kind {kind!r}")
 
 
-class WeightRows:
-    """An fp32 weight's rows, read as `Int8Table` hands out its own (the screens read either)."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight.detach()
-        self.shape = weight.shape
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids]
-
-    def block(self, start: int, stop: int) -> torch.Tensor:
-        return self.weight[start:stop]
-
-
 class HeadScreen:
     """A 4-bit copy of one output layer and the fp32 re-scoring of its candidates."""
 
@@ -147,7 +134,7 @@ class HeadScreen:
 
     def __init__(self, head: torch.nn.Linear, table: Int8Table | None = None) -> None:
         # the layer's own fp32 rows (shared, not copied)
-        self.source = table if table is not None else WeightRows(head.weight)
+        self.source = rows_of(head, table)
         words, width = self.source.shape
         packed, scales, residuals = [], [], []
         with torch.no_grad():
@@ -197,7 +184,7 @@ class Bf16Screen:
 
     def __init__(self, head: torch.nn.Linear, table: Int8Table | None = None) -> None:
         # the layer's own fp32 rows (shared, not copied)
-        self.source = table if table is not None else WeightRows(head.weight)
+        self.source = rows_of(head, table)
         words = self.source.shape[0]
         self.low = torch.empty(tuple(self.source.shape), dtype=torch.bfloat16)
         largest = 0.0

@@ -76,6 +76,25 @@ class Int8Table:
         return self._decode(self.codes[start:stop], self.scales[start:stop])
 
 
+class WeightRows:
+    """An fp32 weight's rows, handed out as `Int8Table` hands out its own."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.detach()
+        self.shape = weight.shape
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        return self.weight[start:stop]
+
+
+def rows_of(head: torch.nn.Linear, table: Int8Table | None = None) -> Int8Table | WeightRows:
+    """Where the output layer's fp32 rows are read from: the int8 table if there is one, else its weight."""
+    return table if table is not None else WeightRows(head.weight)
+
+
 def _lookup(self: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Gemma's scaled word embedding (row times `embed_scale`), its rows from the int8 table."""
     return self.int8_table.rows(input_ids) * self.embed_scale.to(torch.float32)
@@ -97,8 +116,6 @@ def install(lm: torch.nn.Module) -> Int8Table | None:
     table = Int8Table(*found)
     embedding.int8_table = table
     embedding.forward = types.MethodType(_lookup, embedding)
-    released = int4.release_file_pages(embedding.weight, int4.file_ranges())
-    log.info("word table: int8 blocks (%.0f MB for %.0f MB of fp32, exact) in %.1fs; fp32 pages %s",
-             table.nbytes / 1e6, embedding.weight.nbytes / 1e6, time.monotonic() - started,
-             "given back" if released else "kept")
+    log.info("word table: int8 blocks (%.0f MB for %.0f MB of fp32, exact) in %.1fs",
+             table.nbytes / 1e6, embedding.weight.nbytes / 1e6, time.monotonic() - started)
     return table
