@@ -163,3 +163,13 @@ def test_the_head_section_times_each_screen_against_the_full_layer_on_real_decod
         assert record["answered"] == 10 and record["same_as_full"] == record["vouched"] >= 8
     text = render(got)
     assert got["choose_kind"] in ("bf16", "int4") and "bf16 is" in text and "int4 screen: built in" in text
+
+
+def test_cold_starts_alternate_between_trees_so_drift_falls_on_both() -> None:
+    from pathlib import Path
+
+    from bench.coldstart import order
+
+    a, b = Path("a"), Path("b")
+    assert order([a, b], 3) == [a, b, b, a, a, b]
+    assert order([a], 2) == [a, a]

@@ -8,12 +8,21 @@ then does `Int8Table` stand in for the fp32 table, so every row it hands out is 
 own fp32 row, bit for bit. The fp32 table's pages in the memory-mapped checkpoint are then given
 back (`int4.release_file_pages`); the fp32 parameter stays in place, so anything that still reads
 it (sampling's full logits) reads the same values, faulting its pages back in.
+
+Finding the codes reads the whole fp32 table (about 1.4 s on 2 cores), so `install` keeps them in
+the model cache (`<cache>/tables/<key>.safetensors`, keyed by the checkpoint files' names, sizes and
+modification times) and later loads map that file instead: nothing to compute, and only the rows a
+call reads become resident. A cached table is used only after a sample of its rows is checked,
+bit for bit, against the checkpoint's fp32 rows; one that fails is derived again and rewritten.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 import types
+from pathlib import Path
 
 import torch
 
@@ -23,6 +32,8 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32  # values per scale (GGUF Q8_0)
 DERIVE_ROWS = 16_384  # rows per step of `exact_blocks` (42 MB of fp32 at a time)
+CACHE_VERSION = 1  # bump when the cached file's layout changes
+CHECK_ROWS = 1_024  # rows of a cached table checked against the checkpoint before it is used
 
 
 def exact_blocks(weight: torch.Tensor, *, release: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -100,22 +111,87 @@ def _lookup(self: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return self.int8_table.rows(input_ids) * self.embed_scale.to(torch.float32)
 
 
-def install(lm: torch.nn.Module) -> Int8Table | None:
+def checkpoint_key(directory: Path) -> str:
+    """Names the cached table of the checkpoint in `directory`: its safetensors files' names, sizes
+    and modification times (a rewritten checkpoint gets a new key), and the directory itself."""
+    directory = Path(directory).resolve()
+    digest = hashlib.sha256(f"{CACHE_VERSION}:{directory}".encode())
+    for file in sorted(directory.glob("*.safetensors")):
+        stat = file.stat()
+        digest.update(f"|{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def cached_table(path: Path, weight: torch.Tensor) -> Int8Table | None:
+    """The table kept at `path`, memory-mapped, if it is there, has the weight's shape and gives
+    back a sample of the weight's rows (spread over the whole table) bit for bit; else None."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, SafetensorError) as exc:
+        log.warning("word table cache %s unreadable (%s); deriving it again", path, exc)
+        return None
+    codes, scales = tensors.get("codes"), tensors.get("scales")
+    rows, width = weight.shape
+    if (codes is None or scales is None or codes.dtype != torch.int8 or scales.dtype != torch.float32
+            or tuple(codes.shape) != (rows, width) or tuple(scales.shape) != (rows, width // BLOCK)):
+        log.warning("word table cache %s does not fit this checkpoint; deriving it again", path)
+        return None
+    table = Int8Table(codes, scales)
+    ids = torch.linspace(0, rows - 1, min(CHECK_ROWS, rows)).long()
+    if not torch.equal(table.rows(ids), weight.detach()[ids]):
+        log.warning("word table cache %s differs from the checkpoint; deriving it again", path)
+        return None
+    return table
+
+
+def keep(path: Path, table: Int8Table) -> bool:
+    """Write the table to `path` (whole or not at all); a cache that cannot be written is only logged."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"codes": table.codes, "scales": table.scales}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.info("word table not cached at %s (%s); the next load derives it again", path, exc)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return False
+    return True
+
+
+def install(lm: torch.nn.Module, cache: Path | None = None) -> Int8Table | None:
     """Serve the input embedding of a CPU fp32 Gemma from its table's int8 blocks and give the fp32
-    table's checkpoint pages back. Returns the table (for the output layer's greedy path), or None
-    where it does not apply: not a tied fp32 Gemma word table, or values that are not int8 blocks."""
+    table's checkpoint pages back. `cache`: the file to read the blocks from, or to keep them in
+    once derived. Returns the table (for the output layer's greedy path), or None where it does
+    not apply: not a tied fp32 Gemma word table, or values that are not int8 blocks."""
     embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     if (type(embedding).__name__ != "Gemma3TextScaledWordEmbedding" or head is None
-            or head.weight.data_ptr() != embedding.weight.data_ptr() or embedding.weight.device.type != "cpu"):
+            or head.weight.data_ptr() != embedding.weight.data_ptr() or embedding.weight.device.type != "cpu"
+            or embedding.weight.dtype != torch.float32):
         return None
     started = time.monotonic()
-    found = exact_blocks(embedding.weight, release=True)
-    if found is None:
-        log.info("word table: not int8 blocks, kept in fp32")
-        return None
-    table = Int8Table(*found)
+    table = cached_table(cache, embedding.weight) if cache is not None else None
+    if table is not None:
+        int4.release_file_pages(embedding.weight, int4.file_ranges(), whole_storage=False)  # the checked rows
+        how = f"read from {cache}"
+    else:
+        found = exact_blocks(embedding.weight, release=True)
+        if found is None:
+            log.info("word table: not int8 blocks, kept in fp32")
+            return None
+        table = Int8Table(*found)
+        how = "derived" + (f", kept in {cache}" if cache is not None and keep(cache, table) else "")
     embedding.int8_table = table
     embedding.forward = types.MethodType(_lookup, embedding)
-    log.info("word table: int8 blocks (%.0f MB for %.0f MB of fp32, exact) in %.1fs",
-             table.nbytes / 1e6, embedding.weight.nbytes / 1e6, time.monotonic() - started)
+    log.info("word table: int8 blocks (%.0f MB for %.0f MB of fp32, exact), %s in %.1fs",
+             table.nbytes / 1e6, embedding.weight.nbytes / 1e6, how, time.monotonic() - started)
     return table

@@ -4,14 +4,20 @@ worker keeps none of the fp32 table resident."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
+from safetensors.torch import load_file, save_file
+
 from tests.conftest import REPO
 from worker.engine import Engine
-from worker.model.table import exact_blocks
+from worker.model import int4
+from worker.model.table import cached_table, checkpoint_key, exact_blocks, keep
 
 
 def test_the_word_table_gives_back_every_fp32_row_bit_for_bit(engine: Engine) -> None:
@@ -68,10 +74,59 @@ def test_the_greedy_head_reading_the_table_picks_the_fp32_layers_tokens(engine: 
     assert from_table == from_fp32 == logits.argmax(dim=-1).tolist()
 
 
+def _in_a_file_mapping(tensor: torch.Tensor) -> bool:
+    return any(low <= tensor.data_ptr() < high for low, high in int4.file_ranges())
+
+
+def test_a_kept_table_is_read_back_mapped_and_only_if_it_matches_the_checkpoint(
+        engine: Engine, tmp_path: Path, caplog) -> None:
+    # Given the engine's table kept in a cache file
+    table, weight = engine.model.table, engine.model.lm.get_input_embeddings().weight
+    path = tmp_path / "tables" / "key.safetensors"
+    assert keep(path, table)
+    # When it is read back / Then its codes are mapped from the file, not copied, and every row is
+    # the same as the derived table's
+    again = cached_table(path, weight)
+    assert again is not None and _in_a_file_mapping(again.codes)
+    assert torch.equal(again.codes, table.codes) and torch.equal(again.scales, table.scales)
+    # But a file with one code changed in a row the check reads, a file cut to fewer rows, and a
+    # file that is not safetensors are each refused (the loader then derives the table again)
+    kept = load_file(path)
+    changed = kept["codes"].clone()
+    changed[0, 3] += 1
+    save_file({"codes": changed, "scales": kept["scales"]}, str(tmp_path / "changed.safetensors"))
+    save_file({"codes": kept["codes"][:100].clone(), "scales": kept["scales"][:100].clone()},
+              str(tmp_path / "short.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a table")
+    with caplog.at_level(logging.WARNING, logger="worker.model.table"):
+        for name in ("changed", "short", "junk"):
+            assert cached_table(tmp_path / f"{name}.safetensors", weight) is None, name
+    assert len([r for r in caplog.records if "deriving it again" in r.message]) == 3
+    assert cached_table(tmp_path / "absent.safetensors", weight) is None
+    # And a cache that cannot be written is not an error: the table is just not kept
+    (tmp_path / "file").write_text("")
+    assert not keep(tmp_path / "file" / "key.safetensors", table)
+
+
+def test_the_cache_key_changes_when_the_checkpoint_is_rewritten(tmp_path: Path) -> None:
+    # Given a checkpoint directory and its key
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
+    key = checkpoint_key(tmp_path)
+    assert checkpoint_key(tmp_path) == key
+    # When the file is rewritten (a new modification time), or another weights file appears
+    stat = (tmp_path / "model.safetensors").stat()
+    os.utime(tmp_path / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    rewritten = checkpoint_key(tmp_path)
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "model-2.safetensors"))
+    # Then each gives a new key, so no stale table is read for it
+    assert len({key, rewritten, checkpoint_key(tmp_path)}) == 3
+
+
 PROBE = """
 import json, mmap, sys
 import numpy as np
 from worker.engine import build_engine
+from worker.model import int4
 from worker.settings import Settings
 
 def resident_mb(tensor):
@@ -85,17 +140,23 @@ def resident_mb(tensor):
 engine = build_engine(Settings(device="cpu"))
 weight = engine.model.lm.get_input_embeddings().weight
 after_build = resident_mb(weight)
+codes = engine.model.table.codes.data_ptr()
+mapped = any(low <= codes < high for low, high in int4.file_ranges())
 engine.generate(["The capital of France is", "def add(a, b):"], max_new_tokens=8)
 engine.embed(["Pub/Sub delivers at least once."])
-print(json.dumps({"after_build": after_build, "after_work": resident_mb(weight), "table_mb": weight.nbytes / 2**20}))
+print(json.dumps({"after_build": after_build, "after_work": resident_mb(weight), "table_mb": weight.nbytes / 2**20,
+                  "codes_mapped": mapped}))
 """
 
 
-def test_a_fresh_worker_keeps_none_of_the_fp32_table_resident() -> None:
-    # Given a fresh process that builds the engine as a worker does, then generates and embeds
+def test_a_fresh_worker_keeps_none_of_the_fp32_table_resident(engine: Engine) -> None:
+    # Given a fresh process that builds the engine as a worker does, after this one's build (which
+    # kept the table in the model cache), then generates and embeds
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     # Then of the 640 MiB fp32 table in the memory-mapped checkpoint, at most a few MiB are resident
     # after the build and after the work (the int8 blocks serve the lookup and the greedy head)
     assert got["table_mb"] == 640 and got["after_build"] < 16 and got["after_work"] < 16, got
+    # and its table came from the cache file, mapped, not derived again
+    assert got["codes_mapped"], got
