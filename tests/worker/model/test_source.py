@@ -1,6 +1,8 @@
-"""Model sources and the conversion cache, on the real embedded GGUF."""
+"""Model sources and the conversion cache, on the real embedded GGUF (the conversion of the whole
+file runs in `make setup`; the `.gguf` source test converts a cut of it, tests/fixtures/gguf.py)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -8,14 +10,17 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
+from tests.fixtures.gguf import cut_gguf
 from worker.model import ModelSourceError, choose_placement, embedded_gguf_path, prepare_model
+from worker.model.loader import load_tokenizer
 from worker.settings import Settings
 
 
 @pytest.mark.slow
 def test_second_prepare_reuses_the_converted_directory(tmp_path: Path, settings: Settings) -> None:
-    # Given the embedded GGUF file given as a `.gguf` source, and an empty cache
-    gguf = embedded_gguf_path(settings.cache_dir)
+    # Given a `.gguf` source (the embedded Gemma's first two layers and 4,096 words, its bytes as
+    # they are, so the conversion takes seconds), and an empty cache
+    gguf = cut_gguf(embedded_gguf_path(settings.cache_dir), tmp_path / "gemma-cut.gguf")
     cache = tmp_path / "cache"
     # When `model prepare` runs twice, as a user would
     first = run_cli("model", "prepare", "--model", str(gguf), "--cache-dir", str(cache))
@@ -30,6 +35,11 @@ def test_second_prepare_reuses_the_converted_directory(tmp_path: Path, settings:
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     assert "converted" in first.stderr and "reused" in second.stderr
     assert {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in path.iterdir()} == converted
+    # and the converted checkpoint is the cut model: its layers, its words, a tokenizer for them
+    config = json.loads((path / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["vocab_size"]) == (2, 4096)
+    tokenizer = load_tokenizer(path)
+    assert len(tokenizer) == 4096 and tokenizer.convert_ids_to_tokens([1, 2]) == ["<eos>", "<bos>"]
 
 
 def test_local_directory_source_is_used_in_place(settings: Settings) -> None:
