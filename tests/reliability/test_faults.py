@@ -22,12 +22,15 @@ from worker.store import GCSStore
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.reliability]
 
-# `make test` runs a lighter crash, graceful stop and flood so the whole suite stays well under 30
-# minutes; `make test-reliability` runs the full sizes (500 tasks and three kills; 300 tasks; 5,000
-# queued tasks).
+# `make test` runs every test lighter so the whole suite stays well under 30 minutes;
+# `make test-reliability` runs the full sizes (500 tasks and three kills; 300 tasks; 150 tasks
+# published twice; 200 tasks through storage faults and through a broker restart; 5,000 queued tasks).
 FULL = os.environ.get("GEMMA_BATCH_RELIABILITY") == "full"
-CRASH_TASKS = 500 if FULL else 120
-STOP_TASKS = 300 if FULL else 150
+CRASH_TASKS = 500 if FULL else 100
+STOP_TASKS = 300 if FULL else 100
+PAIR_TASKS = 150 if FULL else 100
+FAULT_TASKS = 200 if FULL else 120
+RESTART_TASKS = 200 if FULL else 120
 FLOOD_TASKS = 5000 if FULL else 1000
 
 
@@ -57,7 +60,7 @@ def _results(store: GCSStore) -> str:
 
 def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStore, tmp_path: Path,
                                                  docstrings: list[str]) -> None:
-    # Given 500 tasks (120 in the light run) and a worker SIGKILLed at three random moments mid-batch
+    # Given 500 tasks (100 in the light run) and a worker SIGKILLed at three random moments mid-batch
     topic, subscription = new_topic(TEST_PROJECT)
     # Texts of a few hundred tokens keep each engine call to a few dozen tasks, so the kills land
     # mid-run; the kill points are drawn from the first three quarters of the run.
@@ -65,20 +68,30 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
     publish_raw(topic, _tasks("crash", CRASH_TASKS, long_texts, chars=800))
     rng, kills = random.Random(500), []
     points = sorted(rng.sample(range(CRASH_TASKS // 10, CRASH_TASKS * 3 // 4), 3))
-    for k, point in enumerate(points):
-        worker = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / f"w{k}.log")
-        worker.wait_ready()
-        wait_for_count(store, point, timeout=120)
-        worker.stop(signal.SIGKILL)
-        kills.append(count_results(store))
-    # When a fourth worker is started and left to finish
-    final = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "final.log")
+    # Each worker's successor is started as soon as it takes over and is pulling (idle: the running
+    # worker holds every task's lease) when the kill lands, as a replacement instance would be. The
+    # emulator hands a dead worker's tasks at once to a stream open when their leases run out; to
+    # one opened later, only after a further 15-20 s, which would make this test wait, not work.
+    start = lambda name: WorkerProcess(subscription=subscription, results=_results(store),  # noqa: E731
+                                       log_path=tmp_path / f"{name}.log")
+    worker = start("w0")
+    successor = None
     try:
-        final.wait_ready()
+        worker.wait_ready()
+        for k, point in enumerate(points):
+            successor = start(f"w{k + 1}" if k < 2 else "final")
+            successor.wait_ready()
+            wait_for_count(store, point, timeout=120)
+            worker.stop(signal.SIGKILL)
+            kills.append(count_results(store))
+            worker, successor = successor, None
+        # When the fourth worker is left to finish
         names = [f"adhoc/crash-{i}.json" for i in range(CRASH_TASKS)]
-        missing = wait_for(store, names, timeout=300, worker=final)
+        missing = wait_for(store, names, timeout=300, worker=worker)
     finally:
-        final.stop()
+        for w in (worker, successor):
+            if w is not None:
+                w.stop()
     # Then every task has one result, one object per task, all valid
     assert not missing, f"{len(missing)} missing"
     _assert_exactly_one_valid_result_each(store, "crash", CRASH_TASKS)
@@ -116,28 +129,28 @@ def test_sigterm_exits_within_10s_and_the_rest_is_redelivered(pubsub_emulator, s
 
 def test_two_workers_and_duplicate_publishes_give_one_result_per_task(pubsub_emulator, store: GCSStore,
                                                                       tmp_path: Path, docstrings: list[str]) -> None:
-    # Given two workers on one subscription and 150 tasks each published twice
+    # Given two workers on one subscription and 150 tasks (100 in the light run) each published twice
     topic, subscription = new_topic(TEST_PROJECT)
     workers = [WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / f"w{i}.log")
                for i in range(2)]
     try:
         for w in workers:
             w.wait_ready()
-        tasks = _tasks("pair", 150, docstrings)
+        tasks = _tasks("pair", PAIR_TASKS, docstrings)
         publish_raw(topic, tasks + tasks[::-1])
-        missing = wait_for(store, [f"adhoc/pair-{i}.json" for i in range(150)], timeout=300)
+        missing = wait_for(store, [f"adhoc/pair-{i}.json" for i in range(PAIR_TASKS)], timeout=300)
         time.sleep(3)  # let the second copies settle too
     finally:
         for w in workers:
             w.stop()
     # Then one result per task id, each written exactly once across both workers, and no errors from the race
     assert not missing
-    _assert_exactly_one_valid_result_each(store, "pair", 150)
+    _assert_exactly_one_valid_result_each(store, "pair", PAIR_TASKS)
     outcomes = [w.outcomes() for w in workers]
-    assert sum(o.get("done", 0) for o in outcomes) == 150, outcomes
+    assert sum(o.get("done", 0) for o in outcomes) == PAIR_TASKS, outcomes
     errors = [r for w in workers for r in w.records() if r.get("severity") in ("ERROR", "CRITICAL")]
     assert errors == []
-    record("two_workers", tasks=150, deliveries_published=300, results=150,
+    record("two_workers", tasks=PAIR_TASKS, deliveries_published=2 * PAIR_TASKS, results=PAIR_TASKS,
            written_by_worker=[o.get("done", 0) for o in outcomes],
            duplicates_recognised=sum(o.get("duplicate", 0) for o in outcomes), lost=0)
 
@@ -151,24 +164,25 @@ def test_storage_faults_are_retried_and_nothing_is_lost(pubsub_emulator, storage
                                env={"STORAGE_EMULATOR_HOST": proxy.url})
         try:
             worker.wait_ready()
-            # When 200 tasks run through the worker, which reads and writes through the proxy
-            publish_raw(topic, _tasks("fault", 200, docstrings))
-            missing = wait_for(store, [f"adhoc/fault-{i}.json" for i in range(200)], timeout=300)
+            # When 200 tasks (120 in the light run) run through the worker, which reads and writes
+            # through the proxy
+            publish_raw(topic, _tasks("fault", FAULT_TASKS, docstrings))
+            missing = wait_for(store, [f"adhoc/fault-{i}.json" for i in range(FAULT_TASKS)], timeout=300)
         finally:
             worker.stop()
     # Then every task completes with one result, although every kind of fault was injected
     assert not missing, f"{len(missing)} missing"
-    _assert_exactly_one_valid_result_each(store, "fault", 200)
+    _assert_exactly_one_valid_result_each(store, "fault", FAULT_TASKS)
     injected = {k: proxy.counts[k] for k in ("503", "reset", "delay", "lost")}
     assert all(v > 0 for v in injected.values()), injected
     assert proxy.counts["lost:upload"] > 0, "no landed-but-unacknowledged write was exercised"
-    record("storage_faults", tasks=200, storage_requests=proxy.counts["requests"], faults=injected,
-           lost_replies_on_writes=proxy.counts["lost:upload"], results=200, lost=0)
+    record("storage_faults", tasks=FAULT_TASKS, storage_requests=proxy.counts["requests"], faults=injected,
+           lost_replies_on_writes=proxy.counts["lost:upload"], results=FAULT_TASKS, lost=0)
 
 
 def test_broker_restart_mid_run_the_worker_reconnects_and_finishes(tmp_path: Path, store: GCSStore,
                                                                    docstrings: list[str]) -> None:
-    # Given a worker pulling from an emulator of its own, with 200 tasks published
+    # Given a worker pulling from an emulator of its own, with 200 tasks (120 in the light run) published
     port = free_port()
     project = "restart-project"
     emulator = PubSubEmulator(project=project, port=port).start()
@@ -179,7 +193,7 @@ def test_broker_restart_mid_run_the_worker_reconnects_and_finishes(tmp_path: Pat
                 mp.setenv(key, value)
             topic = ensure_topic(project, "tasks")
             subscription = ensure_subscription(project, "tasks", "worker", ack_deadline_seconds=10)
-            tasks = _tasks("restart", 200, docstrings)
+            tasks = _tasks("restart", RESTART_TASKS, docstrings)
             publish_raw(topic, tasks)
             worker = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "w.log",
                                    env=env)
@@ -194,7 +208,7 @@ def test_broker_restart_mid_run_the_worker_reconnects_and_finishes(tmp_path: Pat
                 ensure_topic(project, "tasks")
                 ensure_subscription(project, "tasks", "worker", ack_deadline_seconds=10)
                 publish_raw(topic, tasks)
-                missing = wait_for(store, [f"adhoc/restart-{i}.json" for i in range(200)], timeout=300,
+                missing = wait_for(store, [f"adhoc/restart-{i}.json" for i in range(RESTART_TASKS)], timeout=300,
                                    worker=worker)
             finally:
                 worker.stop()
@@ -202,9 +216,9 @@ def test_broker_restart_mid_run_the_worker_reconnects_and_finishes(tmp_path: Pat
         emulator.stop()
     # Then the same worker process reconnected and finished: one result per task
     assert not missing, f"{len(missing)} missing"
-    _assert_exactly_one_valid_result_each(store, "restart", 200)
+    _assert_exactly_one_valid_result_each(store, "restart", RESTART_TASKS)
     assert worker.proc.returncode == 0
-    record("broker_restart", tasks=200, results_before_restart=before, results=200, lost=0)
+    record("broker_restart", tasks=RESTART_TASKS, results_before_restart=before, results=RESTART_TASKS, lost=0)
 
 
 def test_flood_of_5000_tasks_keeps_memory_bounded(pubsub_emulator, store: GCSStore, tmp_path: Path) -> None:
