@@ -38,6 +38,10 @@ class LoadedModel:
 
 def load_model(prepared: PreparedModel, placement: Placement) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    # The tokenizer classes are imported here, not first on the tokenizer's thread, so that thread
+    # imports nothing while this one imports the model's code.
+    from transformers import AutoTokenizer  # noqa: F401
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend  # noqa: F401
 
     started = time.monotonic()
     config = AutoConfig.from_pretrained(prepared.path)
