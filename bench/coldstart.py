@@ -31,20 +31,16 @@ def order(trees: list[Path], runs: int) -> list[Path]:
     return sequence
 
 
-def start_to_pulling(tree: Path, *, subscription: str, results: str, log: Path, timeout: float = 300) -> float:
+def start_to_pulling(tree: Path, *, subscription: str, results: str, log: Path) -> float:
+    from worker.demo import wait_worker_ready
+
     spawned = time.monotonic()
     with open(log, "wb") as out:
         worker = subprocess.Popen([sys.executable, str(tree / "cli.py"), "worker", "--subscription", subscription,
                                    "--results", results, "--device", "cpu", "--log-level", "INFO", "--no-cache"],
                                   stdout=out, stderr=subprocess.STDOUT, cwd=tree)
     try:
-        while "pulling from" not in log.read_text(errors="replace"):
-            if worker.poll() is not None:
-                raise RuntimeError(f"the worker in {tree} exited with {worker.returncode}: "
-                                   f"{log.read_text(errors='replace')[-2000:]}")
-            if time.monotonic() - spawned > timeout:
-                raise RuntimeError(f"the worker in {tree} was not pulling after {timeout:.0f} s")
-            time.sleep(0.05)
+        wait_worker_ready(worker, log, echo=lambda _: None, poll_s=0.05)
         return time.monotonic() - spawned
     finally:
         worker.send_signal(signal.SIGTERM)

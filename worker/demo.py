@@ -135,8 +135,9 @@ def start_worker(settings: Settings, *, subscription: str, results: str, log: Pa
     return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ))
 
 
-def wait_worker_ready(worker: subprocess.Popen, log: Path, *, echo: Callable[[str], None]) -> None:
-    """Returns once the worker logs that it pulls (model loaded and warmed up)."""
+def wait_worker_ready(worker: subprocess.Popen, log: Path, *, echo: Callable[[str], None],
+                      poll_s: float = 0.3) -> None:
+    """Returns once the worker logs that it pulls (model loaded and warmed up), looking every `poll_s`."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if worker.poll() is not None:
@@ -144,7 +145,7 @@ def wait_worker_ready(worker: subprocess.Popen, log: Path, *, echo: Callable[[st
         if "pulling from" in log.read_text(errors="replace"):
             echo("worker ready (model loaded and warmed up)")
             return
-        time.sleep(0.3)
+        time.sleep(poll_s)
     raise RuntimeError(f"the worker was not ready after 300s; see {log}")
 
 

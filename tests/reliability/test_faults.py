@@ -72,8 +72,9 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
     # worker holds every task's lease) when the kill lands, as a replacement instance would be. The
     # emulator hands a dead worker's tasks at once to a stream open when their leases run out; to
     # one opened later, only after a further 15-20 s, which would make this test wait, not work.
-    start = lambda name: WorkerProcess(subscription=subscription, results=_results(store),  # noqa: E731
-                                       log_path=tmp_path / f"{name}.log")
+    def start(name: str) -> WorkerProcess:
+        return WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / f"{name}.log")
+
     worker = start("w0")
     successor = None
     try:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from worker.model.device import Placement, attention_without_per_shape_plans, choose_placement
-from worker.model.source import ModelSourceError, PreparedModel, prepare_model
+from worker.model.source import MARKER, ModelSourceError, PreparedModel, prepare_model
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,6 @@ def load_tokenizer(path: Path) -> Any:
 def _direct_tokenizer_settings(path: Path) -> dict[str, Any] | None:
     """The settings to build a converted checkpoint's tokenizer from its file with, or None where
     the directory is not such a checkpoint (or carries anything the direct build would leave out)."""
-    from worker.model.source import MARKER
-
     if not (path / MARKER).is_file() or not (path / "tokenizer.json").is_file() or any(path.glob("chat_template*")):
         return None
     try:

@@ -17,6 +17,7 @@ bit for bit, against the checkpoint's fp32 rows; one that fails is derived again
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -160,10 +161,8 @@ def keep(path: Path, table: Int8Table) -> bool:
         os.replace(tmp, path)
     except OSError as exc:
         log.info("word table not cached at %s (%s); the next load derives it again", path, exc)
-        try:
+        with contextlib.suppress(OSError):  # e.g. its folder is a file
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         return False
     return True
 
@@ -189,7 +188,8 @@ def install(lm: torch.nn.Module, cache: Path | None = None) -> Int8Table | None:
             log.info("word table: not int8 blocks, kept in fp32")
             return None
         table = Int8Table(*found)
-        how = "derived" + (f", kept in {cache}" if cache is not None and keep(cache, table) else "")
+        kept = cache is not None and keep(cache, table)
+        how = f"derived, kept in {cache}" if kept else "derived"
     embedding.int8_table = table
     embedding.forward = types.MethodType(_lookup, embedding)
     log.info("word table: int8 blocks (%.0f MB for %.0f MB of fp32, exact), %s in %.1fs",
