@@ -173,3 +173,15 @@ def test_cold_starts_alternate_between_trees_so_drift_falls_on_both() -> None:
     a, b = Path("a"), Path("b")
     assert order([a, b], 3) == [a, b, b, a, a, b]
     assert order([a], 2) == [a, a]
+
+
+@pytest.mark.slow
+@pytest.mark.emulator
+def test_cold_start_times_a_real_worker_from_spawn_to_pulling() -> None:
+    from bench.coldstart import REPO, main
+
+    # Given this checkout / When one worker is started against the emulator and storage server
+    got = main(["--runs", "1"])
+    # Then one spawn-to-pulling time is reported for it, that of a process that loaded the model
+    assert list(got) == [str(REPO)] and len(got[str(REPO)]) == 1
+    assert 1.0 < got[str(REPO)][0] < 300

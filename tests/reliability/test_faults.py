@@ -71,7 +71,8 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
     # Each worker's successor is started as soon as it takes over and is pulling (idle: the running
     # worker holds every task's lease) when the kill lands, as a replacement instance would be. The
     # emulator hands a dead worker's tasks at once to a stream open when their leases run out; to
-    # one opened later, only after a further 15-20 s, which would make this test wait, not work.
+    # one opened later, only after a further 15-20 s (a development timing), which would make this
+    # test wait, not work.
     def start(name: str) -> WorkerProcess:
         return WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / f"{name}.log")
 
