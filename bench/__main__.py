@@ -4,7 +4,7 @@
     python -m bench --quick                  # small sizes, a few minutes: a smoke run, not a claim
     python -m bench --sections embedding --sweep
     python -m bench --sections compile       # embedding with --compile against eager
-    python -m bench --sections head          # the greedy head's screens against the full layer (a minute)
+    python -m bench --sections head          # the greedy head's screens against the full layer (a few minutes)
 
 Sections, each measured in this one process against peers on the same inputs (see each module):
 generation and continuous batching against fixed waves (bench/generation.py), the greedy head's

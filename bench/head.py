@@ -2,6 +2,11 @@
 against the full output layer in fp32 blocks (`Decoder.best_blocked`, what `--no-head-screen`
 runs), on real decode states, at several rows per call.
 
+Beside them, two baselines in the same rounds: the full layer in fp32 blocks multiplied the other
+way round (`linear(hidden, block)`, as `best_blocked` did before `table.scores`), and full logits
+(what sampling and grammars need) from the word table's int8 blocks (`table.project`, the output
+layer's forward on a CPU fp32 worker) against `linear` over the fp32 weight itself.
+
 The states are the final hidden states the decoder handed its greedy head while generating for the
 bench's prompts. Each contender answers the same calls; in every round the contenders run in turn,
 forwards then backwards (so a slow spell of the shared machine falls on all of them alike), and the
@@ -19,6 +24,7 @@ from bench.common import table
 from bench.generation import prompts
 from worker.engine import Engine
 from worker.model import head_screen
+from worker.model.table import rows_of
 
 
 def decode_states(engine: Engine, *, n: int, steps: int) -> torch.Tensor:
@@ -40,6 +46,21 @@ def decode_states(engine: Engine, *, n: int, steps: int) -> torch.Tensor:
     return torch.cat(captured)
 
 
+def best_by_linear(decoder: Any, hidden: torch.Tensor) -> list[int]:
+    """`Decoder.best_blocked` with each block's scores as `linear(hidden, block)` (the baseline for
+    `table.scores`'s orientation); same blocks, same running maximum."""
+    source, step = rows_of(decoder.head, decoder.table), decoder.vocab_block
+    best_score = torch.full((hidden.shape[0],), float("-inf"))
+    best_id = torch.zeros(hidden.shape[0], dtype=torch.long)
+    buffer = torch.empty(min(step, source.shape[0]), source.shape[1]) if decoder.table is not None else None
+    for start in range(0, source.shape[0], step):
+        score, index = torch.nn.functional.linear(hidden, source.block(start, start + step, buffer)).max(dim=-1)
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_id = torch.where(better, index + start, best_id)
+    return best_id.tolist()
+
+
 def measure(engine: Engine, *, n: int = 16, steps: int = 16, rows: tuple[int, ...] = (1, 8, 32, 64),
             calls: int = 4, rounds: int = 3) -> dict[str, Any]:
     """Per rows-per-call setting, ms per call of the full layer and of each screen that applies here,
@@ -48,7 +69,8 @@ def measure(engine: Engine, *, n: int = 16, steps: int = 16, rows: tuple[int, ..
     decoder = engine.decoder
     states = decode_states(engine, n=n, steps=steps)
     result: dict[str, Any] = {"states": int(states.shape[0]), "rows": list(rows), "calls": calls, "rounds": rounds,
-                              "choose_kind": None, "bf16_speedup_probe": None, "screens": {}, "ms_per_call": {}}
+                              "choose_kind": None, "bf16_speedup_probe": None, "screens": {}, "ms_per_call": {},
+                              "linear_same_tokens": 0, "linear_calls": 0}
     if decoder is None or not head_screen.applies(decoder.head, device=decoder.device, softcap=decoder.softcap):
         result["skipped"] = "no screen applies to this output layer here"
         return result
@@ -62,8 +84,12 @@ def measure(engine: Engine, *, n: int = 16, steps: int = 16, rows: tuple[int, ..
         screens[kind] = head_screen.build(head, kind)
         result["screens"][kind] = {"build_s": time.perf_counter() - started, "vouched": 0, "same_as_full": 0,
                                    "answered": 0}
-    contenders: dict[str, Callable[[torch.Tensor], Any]] = {"full": decoder.best_blocked}
+    contenders: dict[str, Callable[[torch.Tensor], Any]] = {"full": decoder.best_blocked,
+                                                              "full, linear": lambda hidden: best_by_linear(decoder, hidden)}
     contenders.update({kind: screen.best for kind, screen in screens.items()})
+    weight = head.weight.detach()
+    contenders["logits, table"] = head  # the output layer's forward: table.project where the loader installed the table
+    contenders["logits, fp32 weight"] = lambda hidden: torch.nn.functional.linear(hidden, weight)
     with torch.inference_mode():
         for size in rows:
             slices = [states[i * size: (i + 1) * size] for i in range(calls) if (i + 1) * size <= states.shape[0]]
@@ -71,6 +97,8 @@ def measure(engine: Engine, *, n: int = 16, steps: int = 16, rows: tuple[int, ..
                 continue
             for hidden in slices:  # agreement, once per slice: the full layer's answer, then each screen's
                 full = decoder.best_blocked(hidden)
+                result["linear_same_tokens"] += best_by_linear(decoder, hidden) == full
+                result["linear_calls"] += 1
                 for kind, screen in screens.items():
                     ids, sure = screen.best(hidden)
                     record = result["screens"][kind]
@@ -98,11 +126,17 @@ def render(r: dict[str, Any]) -> str:
         return f"\nGREEDY HEAD: skipped ({r['skipped']})"
     kinds = list(r["screens"])
     rows = []
+    logits = []
     for size, ms in r["ms_per_call"].items():
-        rows.append([size, ms["full"], *[ms[k] for k in kinds], *[ms["full"] / ms[k] for k in kinds]])
+        rows.append([size, ms["full"], ms["full, linear"], *[ms[k] for k in kinds], *[ms["full"] / ms[k] for k in kinds]])
+        logits.append([size, ms["logits, table"], ms["logits, fp32 weight"], ms["logits, fp32 weight"] / ms["logits, table"]])
     lines = [f"\nGREEDY HEAD ({r['states']} real decode states; ms per call, mean of {r['rounds']} interleaved "
              f"rounds; this CPU's decoder picks {r['choose_kind']}, bf16 probe {r['bf16_speedup_probe']:.2f}x fp32)",
-             table(["rows", "full layer fp32", *[f"{k} screen" for k in kinds], *[f"{k} is" for k in kinds]], rows)]
+             table(["rows", "full layer fp32", "same, linear(h, W)", *[f"{k} screen" for k in kinds],
+                    *[f"{k} is" for k in kinds]], rows),
+             f"full layer both ways round: the same tokens in {r['linear_same_tokens']} of {r['linear_calls']} calls",
+             "\nFULL LOGITS (sampling, grammars; same rounds): from the int8 word table vs linear over the fp32 weight",
+             table(["rows", "from the table", "fp32 weight", "table is"], logits)]
     for kind, s in r["screens"].items():
         lines.append(f"{kind} screen: built in {s['build_s']:.2f} s; vouched for {s['vouched']} of "
                      f"{s['answered']} rows, {s['same_as_full']} of them the full layer's token")

@@ -4,6 +4,7 @@ doing only that work would peak at, how long it took to be ready, and what the f
 still paid against later ones.
 
     python -m bench.rss --quantize int4 --work generate --prompts 64
+    python -m bench.rss --work generate --temperature 0.8   # sampling: full logits every step
     python -m bench.rss --model DIR --device cuda --work embed --calls 3   # a GPU cold start
 
 Prints one JSON object: build seconds, spawn-to-ready seconds (interpreter start, imports, load,
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work", choices=["embed", "generate"], default="generate")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--texts", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="generate: sample at this temperature (seeded) instead of greedy (default 0)")
     parser.add_argument("--model", default=None, help="model source (default: the embedded Gemma)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work = lambda: engine.embed(texts, truncate=True)  # noqa: E731
     else:
         items = generation.prompts(engine, args.prompts)
-        work = lambda: engine.generate_tokenized(items, max_new_tokens=64)  # noqa: E731
+        work = lambda: engine.generate_tokenized(items, max_new_tokens=64, temperature=args.temperature,  # noqa: E731
+                                                 seed=0 if args.temperature else None)
     calls = []
     for _ in range(args.calls):
         began = time.monotonic()
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         calls.append(time.monotonic() - began)
-    result = {"quantize": args.quantize, "work": args.work, "device": engine.device.type, "head_screen": args.head_screen,
+    result = {"quantize": args.quantize, "work": args.work, "temperature": args.temperature,
+              "device": engine.device.type, "head_screen": args.head_screen,
               "imports_s": imports_s, "build_s": built, "load_s": engine.model.load_seconds, "warm_up_s": warm_up_s,
               "spawn_to_ready_s": ready_s, "calls_s": calls,
               "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}

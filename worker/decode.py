@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from worker.model import head_screen
-from worker.model.table import Int8Table, rows_of
+from worker.model.table import Int8Table, rows_of, scores
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class Decoder:
 
     def best_blocked(self, hidden: torch.Tensor) -> list[int]:
         """The greedy token per row from the full output layer, in vocabulary blocks with a running
-        maximum. Same scores as `logits` (each is one dot product over the hidden size), a fraction
+        maximum. The same dot products over the hidden size as `logits` (`table.scores`), a fraction
         of the memory traffic; ties go to the lowest token id, as `argmax` breaks them."""
         if not isinstance(self.head, torch.nn.Linear):  # a quantized head: its own kernel, whole
             return self.logits(hidden).argmax(dim=-1).tolist()
@@ -261,9 +261,11 @@ class Decoder:
         best_score = torch.full((hidden.shape[0],), float("-inf"), dtype=hidden.dtype, device=hidden.device)
         best_id = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
         source, step = rows_of(self.head, self.table), self.vocab_block
+        buffer = torch.empty(min(step, weight.shape[0]), weight.shape[1]) if self.table is not None else None
         for start in range(0, weight.shape[0], step):
-            block = torch.nn.functional.linear(hidden, source.block(start, start + step),
-                                               None if bias is None else bias[start: start + step])
+            block = scores(hidden, source.block(start, start + step, buffer))
+            if bias is not None:
+                block = block + bias[start: start + step]
             if self.softcap is not None:
                 block = torch.tanh(block / self.softcap) * self.softcap
             score, index = block.max(dim=-1)

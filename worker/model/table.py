@@ -6,8 +6,11 @@ holds, in fp32, values that are exactly an int8 code times one scale per block o
 finds the codes and checks, value by value, that code times scale gives back the fp32 value; only
 then does `Int8Table` stand in for the fp32 table, so every row it hands out is the checkpoint's
 own fp32 row, bit for bit. The fp32 table's pages in the memory-mapped checkpoint are then given
-back (`int4.release_file_pages`); the fp32 parameter stays in place, so anything that still reads
-it (sampling's full logits) reads the same values, faulting its pages back in.
+back (`int4.release_file_pages`). The output layer tied to the table computes its logits from the
+same blocks too (`project`: 4,096 words at a time, decoded then multiplied, each logit the same
+dot product as the fp32 layer's, so sampling, grammars and `generate` see the same values without
+faulting the fp32 table back in). The fp32 parameter stays in place (shapes, ties and anything that
+reads it directly still work, reading the same values and faulting their pages back in).
 
 Finding the codes reads the whole fp32 table (about 1.4 s on 2 cores), so `install` keeps them in
 the model cache (`<cache>/tables/<key>.safetensors`, keyed by the checkpoint files' names, sizes and
@@ -32,6 +35,7 @@ from worker.model import int4
 log = logging.getLogger(__name__)
 
 BLOCK = 32  # values per scale (GGUF Q8_0)
+PROJECT_ROWS = 4_096  # words per block of the output layer's `project` (10 MB of fp32 decoded at a time)
 DERIVE_ROWS = 16_384  # rows per step of `exact_blocks` (42 MB of fp32 at a time)
 CACHE_VERSION = 1  # bump when the cached file's layout changes
 CHECK_ROWS = 1_024  # rows of a cached table checked against the checkpoint before it is used
@@ -74,18 +78,22 @@ class Int8Table:
         self.shape = codes.shape
         self.nbytes = codes.nbytes + scales.nbytes
 
-    def _decode(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        values = codes.to(torch.float32)  # a new tensor, scaled in place (a 4,096-row block: 0.5-0.8 ms here)
-        values.view(*codes.shape[:-1], -1, BLOCK).mul_(scales.unsqueeze(-1))
+    def _decode(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            values = codes.to(torch.float32)
+        else:  # a buffer reused block after block: a fresh 10 MB block is mapped anew, page by page, each time
+            values = out.view(-1)[: codes.numel()].view(codes.shape)
+            values.copy_(codes)
+        values.view(*codes.shape[:-1], -1, BLOCK).mul_(scales.unsqueeze(-1))  # scaled in place
         return values
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows for token ids of any shape (shape + (width,))."""
         return self._decode(self.codes[ids], self.scales[ids])
 
-    def block(self, start: int, stop: int) -> torch.Tensor:
-        """fp32 rows start..stop, contiguous."""
-        return self._decode(self.codes[start:stop], self.scales[start:stop])
+    def block(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 rows start..stop, contiguous; decoded into `out` (fp32, at least that many values) if given."""
+        return self._decode(self.codes[start:stop], self.scales[start:stop], out)
 
 
 class WeightRows:
@@ -98,7 +106,7 @@ class WeightRows:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids]
 
-    def block(self, start: int, stop: int) -> torch.Tensor:
+    def block(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.weight[start:stop]
 
 
@@ -110,6 +118,39 @@ def rows_of(head: torch.nn.Linear, table: Int8Table | None = None) -> Int8Table 
 def _lookup(self: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Gemma's scaled word embedding (row times `embed_scale`), its rows from the int8 table."""
     return self.int8_table.rows(input_ids) * self.embed_scale.to(torch.float32)
+
+
+def scores(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`linear(hidden, rows)` for 2-D `hidden` (n, width) and a block of words (words, width), as
+    (n, words). On CPU computed as `rows @ hidden.T` and handed back transposed: the same dot
+    products, in the orientation the fp32 CPU kernel runs faster for several hidden rows
+    (bench/head.py measures both)."""
+    if rows.device.type != "cpu":
+        return torch.nn.functional.linear(hidden, rows)
+    return torch.mm(rows, hidden.T).T
+
+
+def project(hidden: torch.Tensor, table: Int8Table, bias: torch.Tensor | None = None, *,
+            step: int = PROJECT_ROWS) -> torch.Tensor:
+    """`linear(hidden, weight, bias)` for the weight the table encodes, one block of `step` words
+    at a time (`scores` over each decoded block): every logit is a dot product over the hidden size
+    of the fp32 layer's own values, and only one decoded block, not the 671 MB fp32 table, is read
+    per step. Values agree with the fp32 layer's to float rounding (bit for bit where the kernel
+    sums in the same order)."""
+    words, width = table.shape
+    flat = hidden.reshape(-1, width)
+    out = torch.empty(words, flat.shape[0], dtype=hidden.dtype, device=hidden.device)
+    buffer = torch.empty(min(step, words), width)
+    for start in range(0, words, step):
+        torch.mm(table.block(start, start + step, buffer).to(hidden.dtype), flat.T, out=out[start: start + step])
+    if bias is not None:
+        out += bias.unsqueeze(1)
+    return out.T.reshape(*hidden.shape[:-1], words).contiguous()
+
+
+def _project(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer's forward, its words read from the int8 table (`project`)."""
+    return project(hidden, self.int8_table, self.bias)
 
 
 def checkpoint_key(directory: Path) -> str:
@@ -168,8 +209,8 @@ def keep(path: Path, table: Int8Table) -> bool:
 
 
 def install(lm: torch.nn.Module, cache: Path | None = None) -> Int8Table | None:
-    """Serve the input embedding of a CPU fp32 Gemma from its table's int8 blocks and give the fp32
-    table's checkpoint pages back. `cache`: the file to read the blocks from, or to keep them in
+    """Serve the input embedding and the tied output layer of a CPU fp32 Gemma from its table's int8
+    blocks and give the fp32 table's checkpoint pages back. `cache`: the file to read the blocks from, or to keep them in
     once derived. Returns the table (for the output layer's greedy path), or None where it does
     not apply: not a tied fp32 Gemma word table, or values that are not int8 blocks."""
     embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
@@ -190,8 +231,9 @@ def install(lm: torch.nn.Module, cache: Path | None = None) -> Int8Table | None:
         table = Int8Table(*found)
         kept = cache is not None and keep(cache, table)
         how = f"derived, kept in {cache}" if kept else "derived"
-    embedding.int8_table = table
+    embedding.int8_table = head.int8_table = table
     embedding.forward = types.MethodType(_lookup, embedding)
+    head.forward = types.MethodType(_project, head)
     log.info("word table: int8 blocks (%.0f MB for %.0f MB of fp32, exact), %s in %.1fs",
              table.nbytes / 1e6, embedding.weight.nbytes / 1e6, how, time.monotonic() - started)
     return table

@@ -1,6 +1,6 @@
 """The word table held as the int8 blocks it came from (worker/model/table.py): every row it gives
 is the checkpoint's fp32 row bit for bit, the embedding and the greedy head read it, and a fresh
-worker keeps none of the fp32 table resident."""
+worker keeps none of the fp32 table resident, full logits included."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import REPO
 from worker.engine import Engine
 from worker.model import int4
-from worker.model.table import cached_table, checkpoint_key, exact_blocks, keep
+from worker.model.table import cached_table, checkpoint_key, exact_blocks, keep, project
 
 
 def test_the_word_table_gives_back_every_fp32_row_bit_for_bit(engine: Engine) -> None:
@@ -72,6 +72,36 @@ def test_the_greedy_head_reading_the_table_picks_the_fp32_layers_tokens(engine: 
         decoder.table = engine.model.table
     # Then the tokens are the same, and the model's own head's argmax
     assert from_table == from_fp32 == logits.argmax(dim=-1).tolist()
+
+
+def test_the_output_layer_reading_the_table_gives_the_fp32_layers_logits(engine: Engine) -> None:
+    # Given the engine's output layer, which the loader pointed at the table, real final hidden
+    # states in the shapes sampling (rows) and `generate` (batch, positions) hand it, and the fp32
+    # weight copied out of the mapped checkpoint (one row's dot products depend on where the weight
+    # lies: the checkpoint maps it 56 bytes past a 64-byte boundary, where the kernel rounds differently)
+    lm = engine.model.lm
+    head = lm.get_output_embeddings()
+    assert head.int8_table is engine.model.table
+    items = engine.tokenize(["The capital of France is", "def add(a, b):", "Pub/Sub delivers"], truncate=False,
+                            what="prompt")
+    with torch.no_grad():
+        states = lm.model(input_ids=torch.tensor([it.ids[:4] for it in items])).last_hidden_state
+    weight = head.weight.detach()
+    fp32 = weight.clone()
+    for hidden in (states[0, -1:], states[:2, -1], states, states[:, 1:3].transpose(0, 1)):
+        # When its logits are computed
+        with torch.no_grad():
+            got = head(hidden)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        # Then they are the fp32 layer's dot products bit for bit (in the orientation it computes them),
+        assert got.shape == (*hidden.shape[:-1], weight.shape[0]) and got.is_contiguous()
+        assert torch.equal(got.reshape(-1, weight.shape[0]), torch.mm(fp32, flat.T).T)
+        # within float rounding of the model's own fp32 `linear`, with the same best token
+        reference = torch.nn.functional.linear(hidden, weight)
+        assert (got - reference).abs().max() <= 1e-6 * reference.abs().max() * hidden.shape[-1] ** 0.5
+        assert torch.equal(got.argmax(dim=-1), reference.argmax(dim=-1))
+    # and blocks that do not divide the vocabulary change nothing
+    assert torch.equal(project(states[:, -1], engine.model.table, step=5_000), head(states[:, -1]))
 
 
 def _in_a_file_mapping(tensor: torch.Tensor) -> bool:
@@ -144,6 +174,10 @@ codes = engine.model.table.codes.data_ptr()
 mapped = any(low <= codes < high for low, high in int4.file_ranges())
 engine.generate(["The capital of France is", "def add(a, b):"], max_new_tokens=8)
 engine.embed(["Pub/Sub delivers at least once."])
+# sampling (full logits), a grammar, and a prompt past the sliding window (through `generate`)
+engine.generate(["Once upon a time"], max_new_tokens=8, temperature=0.9, seed=3)
+engine.generate(["A colour as JSON:"], max_new_tokens=8, response_schema={"type": "object"})
+engine.generate([" ".join(["river"] * 700)], max_new_tokens=2)
 print(json.dumps({"after_build": after_build, "after_work": resident_mb(weight), "table_mb": weight.nbytes / 2**20,
                   "codes_mapped": mapped}))
 """
@@ -156,7 +190,8 @@ def test_a_fresh_worker_keeps_none_of_the_fp32_table_resident(engine: Engine) ->
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     # Then of the 640 MiB fp32 table in the memory-mapped checkpoint, at most a few MiB are resident
-    # after the build and after the work (the int8 blocks serve the lookup and the greedy head)
+    # after the build and after the work, sampling, a grammar and `generate` included (the int8
+    # blocks serve the lookup, the greedy head and the output layer's full logits)
     assert got["table_mb"] == 640 and got["after_build"] < 16 and got["after_work"] < 16, got
     # and its table came from the cache file, mapped, not derived again
     assert got["codes_mapped"], got
