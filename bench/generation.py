@@ -163,9 +163,12 @@ def render(r: dict[str, Any]) -> str:
                      f"tokens identical to --no-head-screen {same['identical']} of {same['of']}")
         if h.get("trial"):
             t = h["trial"]
-            lines.append(f"head screen trial at {t['rows']} rows: {t.get('kind', 'int4')} screen "
-                         f"{t['screen_s'] * 1000:.1f} ms, full layer {t['full_s'] * 1000:.1f} ms: "
-                         f"{'kept' if t['kept'] else 'dropped'}")
+            sizes = t.get("sizes") or [(t["rows"], t["screen_s"], t["full_s"])]
+            verdict = ("dropped" if not t["kept"] else "kept" if t.get("up_to") is None
+                       else f"kept for calls of up to {t['up_to']} rows")
+            lines.append(f"head screen trial, {t.get('kind', 'int4')} screen / full layer ms per call: "
+                         + ", ".join(f"{size} rows {s * 1000:.1f} / {f * 1000:.1f}" for size, s, f in sizes)
+                         + f": {verdict}")
     if "int4_ratio_vs_llama_cpp" in r:
         lines.append(f"int4 is {r['int4_ratio_vs_llama_cpp']:.2f}x llama.cpp")
     for key, label in (("ours_int4", "int4"), ("llama_cpp", "llama.cpp")):

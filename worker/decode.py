@@ -18,7 +18,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -38,10 +38,13 @@ VOCAB_BLOCK = 4096
 # rows, about what building the int4 screen takes on 2 cores: a short call (one CLI prompt of a few
 # tokens) never pays for a screen it would not earn back, and a long one pays at most twice.
 SCREEN_AFTER_S = 1.5
-# Then time it against the full layer, this many rounds each on at least this many rows (a batch's
-# decode step), and keep it only if it is faster
+# Then time it against the full layer, this many rounds each, at each of these rows per call (one
+# prompt's step up to a batch's), and keep it for calls up to the largest size at which it was faster
+# (for every call if that is the largest size): the int4 screen's cost grows with the rows faster
+# than the full layer's, so on some CPUs it wins for a lone prompt and loses for a batch.
 TRIAL_ROUNDS = 2
-TRIAL_ROWS = 32
+TRIAL_SIZES = (1, 8, 32)
+TRIAL_ROWS = TRIAL_SIZES[-1]
 
 # Shrink the decode batch (copying the cache) only once this share of its rows has finished:
 # copying on every finished row would cost more than the steps it saves.
@@ -120,13 +123,17 @@ def fits(config: object, *, width: int, max_new_tokens: int) -> bool:
 
 @dataclass(frozen=True)
 class ScreenTrial:
-    """The greedy head screen's one timing against the full output layer, on the same rows."""
+    """The greedy head screen's one timing against the full output layer, on the same rows: at
+    `TRIAL_SIZES` rows per call (`sizes`: rows, screen seconds, full layer seconds); `rows`,
+    `screen_s` and `full_s` are the largest size's."""
 
     rows: int
     screen_s: float
     full_s: float
-    kept: bool
+    kept: bool  # kept for some calls
     kind: str = "int4"  # which screen (worker/model/head_screen.py `choose_kind`)
+    up_to: int | None = None  # the most rows per call it answers; None: every call (or dropped)
+    sizes: list[tuple[int, float, float]] = field(default_factory=list)
 
 
 class Decoder:
@@ -203,6 +210,9 @@ class Decoder:
         screen = self.screen
         if screen is None and self.screen_wanted and self.screen_trial is None and self.full_layer_s >= SCREEN_AFTER_S:
             return self.try_screen(hidden)
+        if screen is not None and self.screen_trial is not None and self.screen_trial.up_to is not None \
+                and hidden.shape[0] > self.screen_trial.up_to:
+            return self.best_blocked(hidden)  # more rows than the screen won at
         if screen is None:
             started = time.monotonic()
             out = self.best_blocked(hidden)
@@ -212,35 +222,42 @@ class Decoder:
         return self._screened(screen, hidden)
 
     def try_screen(self, hidden: torch.Tensor) -> list[int]:
-        """Build the screen and time it against the full layer on these rows, repeated up to
-        `TRIAL_ROWS` (a batch's decode step, where the time goes), alternating, best of
-        `TRIAL_ROUNDS` each; keep it only if it is faster. The screens' speed depends on the CPU:
-        on the 2-core AVX2 machine of docs/PERFORMANCE.md the int4 screen scored 32 rows in a third
-        of the full layer's time; on a 2-core AVX-512/AMX machine the int4 kernel is about as fast
-        as fp32 there, and the bf16 screen (the one `choose_kind` picks on it) is faster.
+        """Build the screen and time it against the full layer at each of `TRIAL_SIZES` rows per
+        call (these rows, repeated or cut to that many), alternating, best of `TRIAL_ROUNDS` each;
+        keep it for calls up to the largest size at which it was faster, for every call if that is
+        the largest size, else drop it. The screens' speed depends on the CPU: on the 2-core AVX2
+        machine of docs/PERFORMANCE.md the int4 screen beats the full layer for one prompt and
+        loses from about 16 rows on; on a 2-core AVX-512/AMX machine the int4 kernel is about as
+        fast as fp32 there, and the bf16 screen (the one `choose_kind` picks on it) is faster.
         Returns these rows' tokens."""
         screen = self.ensure_screen()
         if screen is None:
             return self.best_blocked(hidden)
         rows = hidden.shape[0]
-        probe = hidden if rows >= TRIAL_ROWS else hidden.repeat(-(-TRIAL_ROWS // rows), 1)[:TRIAL_ROWS]
-        screen_s, full_s = [], []
-        for _ in range(TRIAL_ROUNDS):
-            started = time.monotonic()
-            full = self.best_blocked(probe)
-            full_s.append(time.monotonic() - started)
-            started = time.monotonic()
-            screen.best(probe)
-            screen_s.append(time.monotonic() - started)
-        trial = self.screen_trial = ScreenTrial(rows=probe.shape[0], screen_s=min(screen_s), full_s=min(full_s),
-                                                kept=min(screen_s) < min(full_s), kind=screen.kind)
-        log.info("greedy head: %s screen %.1f ms against the full layer's %.1f ms for %d rows: %s",
-                 trial.kind, trial.screen_s * 1000, trial.full_s * 1000, trial.rows,
-                 "screening" if trial.kept else "dropped, scoring every word in fp32")
-        if trial.kept:
-            return self._screened(screen, hidden)
-        self._screen = None  # its memory goes back
-        return full if probe is hidden else self.best_blocked(hidden)
+        sizes = []
+        for size in TRIAL_SIZES:
+            probe = hidden.repeat(-(-size // rows), 1)[:size]
+            screen_s, full_s = [], []
+            for _ in range(TRIAL_ROUNDS):
+                started = time.monotonic()
+                self.best_blocked(probe)
+                full_s.append(time.monotonic() - started)
+                started = time.monotonic()
+                screen.best(probe)
+                screen_s.append(time.monotonic() - started)
+            sizes.append((size, min(screen_s), min(full_s)))
+        won = [size for size, screen_s, full_s in sizes if screen_s < full_s]
+        largest = sizes[-1]
+        trial = self.screen_trial = ScreenTrial(
+            rows=largest[0], screen_s=largest[1], full_s=largest[2], kept=bool(won), kind=screen.kind,
+            up_to=None if not won or won[-1] == largest[0] else won[-1], sizes=sizes)
+        log.info("greedy head: %s screen against the full layer, ms per call: %s: %s", trial.kind,
+                 ", ".join(f"{size} rows {s * 1000:.1f} / {f * 1000:.1f}" for size, s, f in sizes),
+                 "dropped, scoring every word in fp32" if not trial.kept else
+                 "screening every call" if trial.up_to is None else f"screening calls of up to {trial.up_to} rows")
+        if not trial.kept:
+            self._screen = None  # its memory goes back
+        return self.best(hidden)
 
     def _screened(self, screen: head_screen.HeadScreen | head_screen.Bf16Screen, hidden: torch.Tensor) -> list[int]:
         ids, sure = screen.best(hidden)

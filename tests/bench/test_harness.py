@@ -117,7 +117,12 @@ def test_the_generation_table_compares_peers_with_the_exact_path_and_int4_with_l
     assert full.rstrip().endswith("1.50x")
     assert ("head screen: 7 greedy rows screened, 1 scored in full; tokens identical to --no-head-screen 2 of 2"
             in render(r))
-    assert "head screen trial at 32 rows: int4 screen 45.5 ms, full layer 129.0 ms: kept" in render(r)
+    # and the screen's trial: an older record (one size), and one timed per size, kept for few rows
+    assert "head screen trial, int4 screen / full layer ms per call: 32 rows 45.5 / 129.0: kept" in render(r)
+    r["head_screen"]["trial"] = {"rows": 32, "screen_s": 0.2, "full_s": 0.15, "kept": True, "up_to": 8,
+                                 "sizes": [[1, 0.015, 0.05], [8, 0.06, 0.12], [32, 0.2, 0.15]]}
+    assert ("head screen trial, int4 screen / full layer ms per call: 1 rows 15.0 / 50.0, 8 rows 60.0 / 120.0, "
+            "32 rows 200.0 / 150.0: kept for calls of up to 8 rows") in render(r)
 
 
 def test_section_lists_keep_their_order_and_name_what_is_unknown() -> None:

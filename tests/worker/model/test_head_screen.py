@@ -271,11 +271,15 @@ def test_the_screen_is_built_once_greedy_work_has_earned_it_and_only_where_it_ap
     assert engine.decoder.screen_wanted and engine.decoder._screen is None
     assert 0 < spent == engine.decoder.full_layer_s
     # and once the full layer has taken SCREEN_AFTER_S, the next greedy row builds the screen, times
-    # it against the full layer on 32 rows (a batch's step), and keeps it only if it was faster
+    # it against the full layer at 1, 8 and 32 rows per call (one prompt's step to a batch's), and
+    # keeps it for calls up to the largest size at which it was faster
     monkeypatch.setattr(decode, "SCREEN_AFTER_S", spent)
     engine.generate(["The sky is"], max_new_tokens=2)
     trial = engine.decoder.screen_trial
-    assert trial is not None and trial.rows == decode.TRIAL_ROWS and trial.kept == (trial.screen_s < trial.full_s)
+    assert trial is not None and [size for size, _, _ in trial.sizes] == list(decode.TRIAL_SIZES) == [1, 8, 32]
+    assert (trial.rows, trial.screen_s, trial.full_s) == trial.sizes[-1]
+    won = [size for size, screen_s, full_s in trial.sizes if screen_s < full_s]
+    assert trial.kept == bool(won) and trial.up_to == (won[-1] if won and won[-1] != 32 else None)
     assert (engine.decoder._screen is not None) == trial.kept
     assert engine.decoder.screened_rows + engine.decoder.unscreened_rows == (2 if trial.kept else 0)
     # When turned off, no screen is built and greedy rows take the full layer
@@ -322,6 +326,46 @@ def test_the_screen_is_kept_only_where_it_beats_the_full_layer(loaded_model, slo
     screened = engine.decoder.screened_rows
     engine.generate(["The sky is"], max_new_tokens=3)
     assert (engine.decoder.screened_rows > screened) == trial.kept and engine.decoder.screen_trial is trial
+
+
+def test_a_screen_that_wins_only_for_few_rows_answers_only_calls_that_few(loaded_model, states: torch.Tensor,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import decode
+
+    # Given a fresh engine whose screen's time grows with the rows far faster than the full
+    # layer's (as the int4 screen's does on the AVX2 machine): 15 ms a row against 200 ms a call
+    engine = Engine(loaded_model, max_input_tokens=512, token_budget=1024, max_batch_size=8, max_new_tokens=8)
+    kind = head_screen.choose_kind(engine.decoder.head)
+    monkeypatch.setattr(head_screen, "choose_kind", lambda head: kind)
+    screen_class = {"int4": HeadScreen, "bf16": Bf16Screen}[kind]
+    screen_best, full_best = screen_class.best, Decoder.best_blocked
+
+    def slow_screen(self, hidden):
+        time.sleep(0.015 * hidden.shape[0])
+        return screen_best(self, hidden)
+
+    def slow_full(self, hidden):
+        time.sleep(0.2)
+        return full_best(self, hidden)
+
+    monkeypatch.setattr(screen_class, "best", slow_screen)
+    monkeypatch.setattr(Decoder, "best_blocked", slow_full)
+    monkeypatch.setattr(decode, "SCREEN_AFTER_S", 0.0)
+    decoder = engine.decoder
+    # When its first greedy row goes through the trial
+    hidden = states[:12].contiguous()
+    assert decoder.best(hidden[:1]) == full_best(decoder, hidden[:1])
+    # Then the screen won at 1 and 8 rows and lost at 32, and is kept for calls of up to 8 rows
+    trial = decoder.screen_trial
+    assert [(size, s < f) for size, s, f in trial.sizes] == [(1, True), (8, True), (32, False)]
+    assert trial.kept and trial.up_to == 8 and decoder.screen is not None
+    # so a call of 8 rows is screened (or sent row by row to the full layer where the margin says
+    # so), a call of 12 goes whole to the full layer, uncounted, and each gets the full layer's tokens
+    counted = decoder.screened_rows + decoder.unscreened_rows
+    assert decoder.best(hidden[:8]) == full_best(decoder, hidden[:8])
+    assert decoder.screened_rows + decoder.unscreened_rows == counted + 8 and decoder.screened_rows > 0
+    assert decoder.best(hidden) == full_best(decoder, hidden)
+    assert decoder.screened_rows + decoder.unscreened_rows == counted + 8
 
 
 def test_the_cli_turns_the_screen_on_unless_told_not_to(engine: Engine) -> None:
