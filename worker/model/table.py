@@ -13,8 +13,9 @@ faulting the fp32 table back in). The fp32 parameter stays in place (shapes, tie
 reads it directly still work, reading the same values and faulting their pages back in).
 
 Finding the codes reads the whole fp32 table (about 1.4 s on 2 cores), so `install` keeps them in
-the model cache (`<cache>/tables/<key>.safetensors`, keyed by the checkpoint files' names, sizes and
-modification times) and later loads map that file instead: nothing to compute, and only the rows a
+the model cache (`<cache>/tables/<key>.safetensors`, keyed by the checkpoint's directory and its
+files' names, sizes and modification times; a new table for a rewritten checkpoint replaces the
+stale one) and later loads map that file instead: nothing to compute, and only the rows a
 call reads become resident. A cached table is used only after a sample of its rows is checked,
 bit for bit, against the checkpoint's fp32 rows; one that fails is derived again and rewritten.
 """
@@ -24,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import time
 import types
 from pathlib import Path
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 BLOCK = 32  # values per scale (GGUF Q8_0)
 PROJECT_ROWS = 4_096  # words per block of the output layer's `project` (10 MB of fp32 decoded at a time)
 DERIVE_ROWS = 16_384  # rows per step of `exact_blocks` (42 MB of fp32 at a time)
-CACHE_VERSION = 1  # bump when the cached file's layout changes
+CACHE_VERSION = 2  # bump when the cached file's layout or naming changes
 CHECK_ROWS = 1_024  # rows of a cached table checked against the checkpoint before it is used
 
 
@@ -154,14 +156,40 @@ def _project(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoint_key(directory: Path) -> str:
-    """Names the cached table of the checkpoint in `directory`: its safetensors files' names, sizes
-    and modification times (a rewritten checkpoint gets a new key), and the directory itself."""
+    """Names the cached table of the checkpoint in `directory`: `<directory's digest>-<files' digest>`,
+    the second over its safetensors files' names, sizes and modification times (a rewritten
+    checkpoint gets a new key with the same first part, so `keep` can drop the stale table)."""
     directory = Path(directory).resolve()
-    digest = hashlib.sha256(f"{CACHE_VERSION}:{directory}".encode())
+    place = hashlib.sha256(f"{CACHE_VERSION}:{directory}".encode())
+    digest = place.copy()
     for file in sorted(directory.glob("*.safetensors")):
         stat = file.stat()
         digest.update(f"|{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:20]
+    return f"{place.hexdigest()[:12]}-{digest.hexdigest()[:20]}"
+
+
+_KEY = re.compile(r"^(?P<place>[0-9a-f]{12})-[0-9a-f]{20}$")
+_OLD_KEY = re.compile(r"^[0-9a-f]{20}$")  # CACHE_VERSION 1's names: no directory part
+
+
+def drop_stale(path: Path) -> list[Path]:
+    """Remove the tables kept beside `path` for earlier versions of the same checkpoint directory
+    (same first part of the key) and any of the old naming; others' tables stay. Returns what went."""
+    match = _KEY.match(path.stem)
+    if match is None:
+        return []
+    gone = []
+    for other in path.parent.glob("*.safetensors"):
+        other_key = _KEY.match(other.stem)
+        stale = (other_key is not None and other_key["place"] == match["place"]) or _OLD_KEY.match(other.stem)
+        if other != path and stale:
+            with contextlib.suppress(OSError):
+                other.unlink()
+                gone.append(other)
+    if gone:
+        log.info("word table cache: removed %d stale table(s) of this checkpoint (%s)", len(gone),
+                 ", ".join(g.name for g in gone))
+    return gone
 
 
 def cached_table(path: Path, weight: torch.Tensor) -> Int8Table | None:
@@ -200,6 +228,7 @@ def keep(path: Path, table: Int8Table) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"codes": table.codes, "scales": table.scales}, str(tmp))
         os.replace(tmp, path)
+        drop_stale(path)
     except OSError as exc:
         log.info("word table not cached at %s (%s); the next load derives it again", path, exc)
         with contextlib.suppress(OSError):  # e.g. its folder is a file

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import REPO
 from worker.engine import Engine
 from worker.model import int4
-from worker.model.table import cached_table, checkpoint_key, exact_blocks, keep, project
+from worker.model.table import Int8Table, cached_table, checkpoint_key, exact_blocks, keep, project
 
 
 def test_the_word_table_gives_back_every_fp32_row_bit_for_bit(engine: Engine) -> None:
@@ -150,6 +150,32 @@ def test_the_cache_key_changes_when_the_checkpoint_is_rewritten(tmp_path: Path) 
     save_file({"w": torch.zeros(4)}, str(tmp_path / "model-2.safetensors"))
     # Then each gives a new key, so no stale table is read for it
     assert len({key, rewritten, checkpoint_key(tmp_path)}) == 3
+
+
+def test_a_new_table_replaces_the_stale_one_of_its_checkpoint_only(tmp_path: Path, caplog) -> None:
+    # Given two checkpoint directories, a small table, and a cache holding a table for each, plus
+    # one of the old naming (no directory part)
+    first, second, tables = tmp_path / "first", tmp_path / "second", tmp_path / "tables"
+    for directory in (first, second):
+        directory.mkdir()
+        save_file({"w": torch.zeros(4)}, str(directory / "model.safetensors"))
+    table = Int8Table(torch.ones(2, 64, dtype=torch.int8), torch.ones(2, 2))
+    stale, other = tables / f"{checkpoint_key(first)}.safetensors", tables / f"{checkpoint_key(second)}.safetensors"
+    old_naming = tables / "0123456789abcdef0123.safetensors"
+    assert keep(stale, table) and keep(other, table)
+    old_naming.write_bytes(b"an old table")
+    (tables / "notes.txt").write_text("not a table")
+    # When the first checkpoint is rewritten and its new table is kept
+    stat = (first / "model.safetensors").stat()
+    os.utime(first / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    fresh = tables / f"{checkpoint_key(first)}.safetensors"
+    assert fresh != stale and fresh.stem.split("-")[0] == stale.stem.split("-")[0]
+    with caplog.at_level(logging.INFO, logger="worker.model.table"):
+        assert keep(fresh, table)
+    # Then the stale table of the first and the old-named one are gone, the second's and other
+    # files stay, and the log says what went
+    assert sorted(f.name for f in tables.iterdir()) == sorted([fresh.name, other.name, "notes.txt"])
+    assert any("removed 2 stale table(s)" in r.message for r in caplog.records)
 
 
 PROBE = """
