@@ -156,6 +156,12 @@ def embed(*, texts: tuple[str, ...], dims: int | None, no_normalize: bool, trunc
 
     inputs = read_inputs(texts)
     check_texts(inputs, what="text")  # before torch and the model load: a bad argument fails at once
+    if dims is not None:  # against the width the model's config gives, before it loads
+        from worker.checks import check_dims
+        from worker.model.source import prepare_model
+
+        width = prepare_model(settings.model, settings.cache_dir).hidden_size()
+        check_dims(dims, width=width if width is not None else max(dims, 1))
     from worker.engine import build_engine
 
     engine = build_engine(settings)

@@ -73,6 +73,15 @@ def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], words: str) -
     assert "Traceback" not in result.stderr
 
 
+def test_dims_beyond_the_models_width_is_refused_before_the_model_loads() -> None:
+    # Given --dims one past the embedded model's width (640, from its config.json)
+    result = run_cli("embed", "hello", "--dims", "641", "--device", "cpu", "--log-level", "INFO")
+    # Then exit code 2 and the engine's own message, and no model was loaded to find it out
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "[invalid_parameter] dims must be an integer from 1 to 640 (the model's width), got 641" in result.stderr
+    assert "loaded on cpu" not in result.stderr and "Traceback" not in result.stderr and not result.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [

@@ -26,6 +26,15 @@ def check_texts(texts: Sequence[str], *, what: str = "input") -> None:
             raise TaskError(ErrorCode.EMPTY_INPUT, f"{what} {i} is empty")
 
 
+def check_dims(dims: int | None, *, width: int) -> int:
+    """Matryoshka dimensions to keep: 1 to the model's width (`width` where None)."""
+    if dims is None:
+        return width
+    if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= width:
+        raise TaskError(ErrorCode.INVALID_PARAMETER, f"dims must be an integer from 1 to {width} (the model's width), got {dims!r}")
+    return dims
+
+
 def check_sampling(*, max_new_tokens: int, limit: int, temperature: float, top_p: float,
                    stop: Sequence[str] | None) -> list[str]:
     """Generation parameters against `limit` (the engine's max_new_tokens); returns the stop strings."""

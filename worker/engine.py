@@ -17,7 +17,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from schemas.errors import ErrorCode, TaskError
-from worker.checks import check_sampling, check_texts
+from worker.checks import check_dims, check_sampling, check_texts
 from worker.constrained import CompiledSchema, GrammarRows, SchemaGrammars
 from worker.decode import Decoder, fits, sliding_window
 from worker.decoding import RowSampler, StopOnStrings, cut_at_stop, stop_window
@@ -157,11 +157,7 @@ class Engine:
         return out
 
     def check_dims(self, dims: int | None) -> int:
-        if dims is None:
-            return self.width
-        if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= self.width:
-            raise TaskError(ErrorCode.INVALID_PARAMETER, f"dims must be an integer from 1 to {self.width} (the model's width), got {dims!r}")
-        return dims
+        return check_dims(dims, width=self.width)
 
     # ---- embed -----------------------------------------------------------------------
     def embed(self, texts: Sequence[str], *, dims: int | None = None, normalize: bool = True,

@@ -40,6 +40,18 @@ class PreparedModel:
     source: str
     converted_now: bool = False
 
+    def hidden_size(self) -> int | None:
+        """The model's width as its config.json gives it (the text model's, for a multimodal
+        config), read without loading anything; None where the file does not say."""
+        try:
+            config = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        for part in (config.get("text_config") or {}, config):
+            if isinstance(part, dict) and isinstance(part.get("hidden_size"), int):
+                return part["hidden_size"]
+        return None
+
 
 def prepare_model(source: str, cache_dir: Path) -> PreparedModel:
     """Resolve `source` to a local directory loadable by transformers, converting or downloading once."""

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import run_cli
 from tests.fixtures.gguf import cut_gguf
-from worker.model import ModelSourceError, choose_placement, embedded_gguf_path, prepare_model
+from worker.model import ModelSourceError, PreparedModel, choose_placement, embedded_gguf_path, prepare_model
 from worker.model.loader import load_tokenizer
 from worker.settings import Settings
 
@@ -48,6 +48,22 @@ def test_local_directory_source_is_used_in_place(settings: Settings) -> None:
     # When it is given as a source / Then it is used as it is, not copied or converted
     again = prepare_model(str(prepared.path), settings.cache_dir)
     assert again.path == prepared.path and not again.converted_now
+    # and its width is read from its config without loading it
+    assert again.hidden_size() == 640
+
+
+def test_the_width_comes_from_the_text_config_or_is_unknown(tmp_path: Path) -> None:
+    # Given a multimodal config (the text model's width inside), a plain one, one without a width and none
+    for name, config in [("multi", {"text_config": {"hidden_size": 2560}, "vision_config": {"hidden_size": 1152}}),
+                         ("plain", {"hidden_size": 640}), ("silent", {"model_type": "gemma3_text"})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    # Then each gives the text model's width, or None
+    widths = {name: PreparedModel(path=tmp_path / name, name=name, source=name).hidden_size()
+              for name in ("multi", "plain", "silent", "broken", "absent")}
+    assert widths == {"multi": 2560, "plain": 640, "silent": None, "broken": None, "absent": None}
 
 
 @pytest.mark.parametrize(
