@@ -161,7 +161,8 @@ def embed(*, texts: tuple[str, ...], dims: int | None, no_normalize: bool, trunc
         from worker.model.source import prepare_model
 
         width = prepare_model(settings.model, settings.cache_dir).hidden_size()
-        check_dims(dims, width=width if width is not None else max(dims, 1))
+        if width is not None:  # else the engine checks it once loaded
+            check_dims(dims, width=width)
     from worker.engine import build_engine
 
     engine = build_engine(settings)

@@ -49,12 +49,10 @@ def decode_states(engine: Engine, *, n: int, steps: int) -> torch.Tensor:
 def best_by_linear(decoder: Any, hidden: torch.Tensor) -> list[int]:
     """`Decoder.best_blocked` with each block's scores as `linear(hidden, block)` (the baseline for
     `table.scores`'s orientation); same blocks, same running maximum."""
-    source, step = rows_of(decoder.head, decoder.table), decoder.vocab_block
     best_score = torch.full((hidden.shape[0],), float("-inf"))
     best_id = torch.zeros(hidden.shape[0], dtype=torch.long)
-    buffer = torch.empty(min(step, source.shape[0]), source.shape[1]) if decoder.table is not None else None
-    for start in range(0, source.shape[0], step):
-        score, index = torch.nn.functional.linear(hidden, source.block(start, start + step, buffer)).max(dim=-1)
+    for start, rows in rows_of(decoder.head, decoder.table).blocks(decoder.vocab_block):
+        score, index = torch.nn.functional.linear(hidden, rows).max(dim=-1)
         better = score > best_score
         best_score = torch.where(better, score, best_score)
         best_id = torch.where(better, index + start, best_id)

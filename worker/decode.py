@@ -274,15 +274,13 @@ class Decoder:
         of the memory traffic; ties go to the lowest token id, as `argmax` breaks them."""
         if not isinstance(self.head, torch.nn.Linear):  # a quantized head: its own kernel, whole
             return self.logits(hidden).argmax(dim=-1).tolist()
-        weight, bias = self.head.weight, self.head.bias
+        bias = self.head.bias
         best_score = torch.full((hidden.shape[0],), float("-inf"), dtype=hidden.dtype, device=hidden.device)
         best_id = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        source, step = rows_of(self.head, self.table), self.vocab_block
-        buffer = torch.empty(min(step, weight.shape[0]), weight.shape[1]) if self.table is not None else None
-        for start in range(0, weight.shape[0], step):
-            block = scores(hidden, source.block(start, start + step, buffer))
+        for start, rows in rows_of(self.head, self.table).blocks(self.vocab_block):
+            block = scores(hidden, rows)
             if bias is not None:
-                block = block + bias[start: start + step]
+                block = block + bias[start: start + rows.shape[0]]
             if self.softcap is not None:
                 block = torch.tanh(block / self.softcap) * self.softcap
             score, index = block.max(dim=-1)

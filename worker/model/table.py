@@ -28,6 +28,7 @@ import os
 import re
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -81,11 +82,7 @@ class Int8Table:
         self.nbytes = codes.nbytes + scales.nbytes
 
     def _decode(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is None:
-            values = codes.to(torch.float32)
-        else:  # a buffer reused block after block: a fresh 10 MB block is mapped anew, page by page, each time
-            values = out.view(-1)[: codes.numel()].view(codes.shape)
-            values.copy_(codes)
+        values = codes.to(torch.float32) if out is None else out[: codes.shape[0]].copy_(codes)
         values.view(*codes.shape[:-1], -1, BLOCK).mul_(scales.unsqueeze(-1))  # scaled in place
         return values
 
@@ -93,9 +90,16 @@ class Int8Table:
         """fp32 rows for token ids of any shape (shape + (width,))."""
         return self._decode(self.codes[ids], self.scales[ids])
 
-    def block(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 rows start..stop, contiguous; decoded into `out` (fp32, at least that many values) if given."""
-        return self._decode(self.codes[start:stop], self.scales[start:stop], out)
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """fp32 rows start..stop, contiguous."""
+        return self._decode(self.codes[start:stop], self.scales[start:stop])
+
+    def blocks(self, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, fp32 rows start..start + step) over the whole table, each decoded into the same
+        buffer (valid until the next one): a fresh 10 MB block would be mapped anew, page by page."""
+        buffer = torch.empty(min(step, self.shape[0]), self.shape[1])
+        for start in range(0, self.shape[0], step):
+            yield start, self._decode(self.codes[start: start + step], self.scales[start: start + step], buffer)
 
 
 class WeightRows:
@@ -108,8 +112,12 @@ class WeightRows:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids]
 
-    def block(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def block(self, start: int, stop: int) -> torch.Tensor:
         return self.weight[start:stop]
+
+    def blocks(self, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, self.shape[0], step):
+            yield start, self.weight[start: start + step]
 
 
 def rows_of(head: torch.nn.Linear, table: Int8Table | None = None) -> Int8Table | WeightRows:
@@ -142,9 +150,8 @@ def project(hidden: torch.Tensor, table: Int8Table, bias: torch.Tensor | None = 
     words, width = table.shape
     flat = hidden.reshape(-1, width)
     out = torch.empty(words, flat.shape[0], dtype=hidden.dtype, device=hidden.device)
-    buffer = torch.empty(min(step, words), width)
-    for start in range(0, words, step):
-        torch.mm(table.block(start, start + step, buffer).to(hidden.dtype), flat.T, out=out[start: start + step])
+    for start, block in table.blocks(step):
+        torch.mm(block.to(hidden.dtype), flat.T, out=out[start: start + block.shape[0]])
     if bias is not None:
         out += bias.unsqueeze(1)
     return out.T.reshape(*hidden.shape[:-1], words).contiguous()
