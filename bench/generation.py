@@ -98,9 +98,12 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
     decoder = engine.decoder
     # As in a fresh worker, the timed run builds the head screen once its greedy rows have spent
     # SCREEN_AFTER_S in the full layer, and keeps it only if it beats the full layer (both inside the timing)
-    screened, full = decoder.screened_rows, decoder.unscreened_rows
+    screened, unsure, full = decoder.screened_rows, decoder.unsure_rows, decoder.full_rows
     ours_tokens, ours_s = run_ours(engine, items, max_new_tokens)
-    screen = {"screened_rows": decoder.screened_rows - screened, "full_rows": decoder.unscreened_rows - full,
+    # "full_rows": rows the screen was unsure of (the key earlier results use); "unscreened_rows":
+    # rows no screen was asked about (before its trial, or calls larger than it won at)
+    screen = {"screened_rows": decoder.screened_rows - screened, "full_rows": decoder.unsure_rows - unsure,
+              "unscreened_rows": decoder.full_rows - full,
               "trial": None if decoder.screen_trial is None else asdict(decoder.screen_trial)}
     decode = engine.tokenizer.decode
     ours_texts = [decode(t, skip_special_tokens=True) for t in ours_tokens]
@@ -159,8 +162,9 @@ def render(r: dict[str, Any]) -> str:
     lines = [f"greedy tokens identical to HF one-at-a-time: {a['identical']} of {a['of']}"]
     if "head_screen" in r:
         h, same = r["head_screen"], r["head_screen"]["agreement_with_full_head"]
-        lines.append(f"head screen: {h['screened_rows']} greedy rows screened, {h['full_rows']} scored in full; "
-                     f"tokens identical to --no-head-screen {same['identical']} of {same['of']}")
+        unscreened = f", {h['unscreened_rows']} not offered to it" if "unscreened_rows" in h else ""
+        lines.append(f"head screen: {h['screened_rows']} greedy rows screened, {h['full_rows']} scored in full "
+                     f"(the screen unsure){unscreened}; tokens identical to --no-head-screen {same['identical']} of {same['of']}")
         if h.get("trial"):
             t = h["trial"]
             sizes = t.get("sizes") or [(t["rows"], t["screen_s"], t["full_s"])]

@@ -73,8 +73,8 @@ def measure(engine: Engine, *, n: int = 16, steps: int = 16, rows: tuple[int, ..
         result["skipped"] = "no screen applies to this output layer here"
         return result
     head = decoder.head
-    result["bf16_speedup_probe"] = head_screen.bf16_speedup(head)
-    result["choose_kind"] = head_screen.choose_kind(head)
+    result["bf16_speedup_probe"] = head_screen.bf16_speedup(head, table=decoder.table)
+    result["choose_kind"] = head_screen.choose_kind(head, decoder.table)
     kinds = ["bf16"] + (["int4"] if head_screen.int4_applies(head) else [])
     screens = {}
     for kind in kinds:

@@ -159,7 +159,8 @@ class Decoder:
         self.screen_wanted = screen and head_screen.applies(self.head, device=device, softcap=self.softcap)
         self._screen: head_screen.HeadScreen | head_screen.Bf16Screen | None = None
         self.screened_rows = 0  # greedy rows the screen answered
-        self.unscreened_rows = 0  # rows whose margin check sent them to the full fp32 layer
+        self.unsure_rows = 0  # rows the screen was asked about whose margin check sent them to the full fp32 layer
+        self.full_rows = 0  # rows not offered to a screen: none built (yet), dropped, off, or a call over its `up_to`
         self.full_layer_s = 0.0  # time greedy rows spent in the full layer before the screen was built
         self.screen_trial: ScreenTrial | None = None  # the build's timing of screen against full layer
         log.info("greedy head: %s", f"bf16 or int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s "
@@ -192,7 +193,7 @@ class Decoder:
         cores; else int4, 105 MB and about 1.5 s). None where neither applies."""
         if self.screen_wanted and self._screen is None:
             started = time.monotonic()
-            kind = kind or head_screen.choose_kind(self.head)
+            kind = kind or head_screen.choose_kind(self.head, self.table)
             if kind is None:
                 self.screen_wanted = False
                 log.info("greedy head: no screen applies, scoring every word in fp32")
@@ -210,16 +211,20 @@ class Decoder:
         screen = self.screen
         if screen is None and self.screen_wanted and self.screen_trial is None and self.full_layer_s >= SCREEN_AFTER_S:
             return self.try_screen(hidden)
-        if screen is not None and self.screen_trial is not None and self.screen_trial.up_to is not None \
-                and hidden.shape[0] > self.screen_trial.up_to:
-            return self.best_blocked(hidden)  # more rows than the screen won at
-        if screen is None:
-            started = time.monotonic()
-            out = self.best_blocked(hidden)
-            if self.screen_wanted:
-                self.full_layer_s += time.monotonic() - started
-            return out
-        return self._screened(screen, hidden)
+        over = screen is not None and self.screen_trial is not None and self.screen_trial.up_to is not None \
+            and hidden.shape[0] > self.screen_trial.up_to  # more rows than the screen won at
+        if screen is not None and not over:
+            return self._screened(screen, hidden)
+        started = time.monotonic()
+        out = self._full(hidden)
+        if screen is None and self.screen_wanted:
+            self.full_layer_s += time.monotonic() - started
+        return out
+
+    def _full(self, hidden: torch.Tensor) -> list[int]:
+        """`best_blocked`, counted in `full_rows`."""
+        self.full_rows += hidden.shape[0]
+        return self.best_blocked(hidden)
 
     def try_screen(self, hidden: torch.Tensor) -> list[int]:
         """Build the screen and time it against the full layer at each of `TRIAL_SIZES` rows per
@@ -232,7 +237,7 @@ class Decoder:
         Returns these rows' tokens."""
         screen = self.ensure_screen()
         if screen is None:
-            return self.best_blocked(hidden)
+            return self._full(hidden)
         rows = hidden.shape[0]
         sizes = []
         for size in TRIAL_SIZES:
@@ -264,7 +269,7 @@ class Decoder:
         unsure = (~sure).nonzero().squeeze(1)
         self.screened_rows += hidden.shape[0] - unsure.numel()
         if unsure.numel():
-            self.unscreened_rows += unsure.numel()
+            self.unsure_rows += unsure.numel()
             ids[unsure] = torch.tensor(self.best_blocked(hidden[unsure]), dtype=ids.dtype)
         return ids.tolist()
 

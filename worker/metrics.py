@@ -149,10 +149,13 @@ class HeadScreenCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("gemma_greedy_head_rows", "Greedy decode rows by how the output layer picked "
-                                     "their token: 'screened' (bf16 or int4 screen, fp32 re-score) or 'full' (every word "
-                                     "in fp32, the screen unsure).", labels=["path"])
+                                     "their token: 'screened' (bf16 or int4 screen, fp32 re-score), 'unsure' (every word "
+                                     "in fp32, the screen unsure of the row) or 'full' (every word in fp32, no screen "
+                                     "asked: none built yet, dropped by its trial, turned off, or more rows in the call "
+                                     "than it wins at).", labels=["path"])
         family.add_metric(["screened"], self.decoder.screened_rows)
-        family.add_metric(["full"], self.decoder.unscreened_rows)
+        family.add_metric(["unsure"], self.decoder.unsure_rows)
+        family.add_metric(["full"], self.decoder.full_rows)
         yield family
 
 

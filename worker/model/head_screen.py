@@ -87,12 +87,13 @@ def int4_applies(head: torch.nn.Linear) -> bool:
             and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
 
 
-def bf16_speedup(head: torch.nn.Linear, *, rounds: int = 3) -> float:
-    """fp32 `linear` time over bf16 `linear` time on `PROBE_WORDS` of the layer's words and
+def bf16_speedup(head: torch.nn.Linear, *, rounds: int = 3, table: Int8Table | None = None) -> float:
+    """fp32 `linear` time over bf16 `linear` time on `PROBE_WORDS` of the layer's words (read from
+    `table` where there is one, so the fp32 weight's pages stay where they are) and
     `PROBE_ROWS` rows, best of `rounds` each, alternating; a CPU on which a timed round's bf16 is
     four times slower is settled there (8-14 ms in all on an AVX-512/AMX machine; about 20 ms
     there with oneDNN held to AVX2, `ONEDNN_MAX_CPU_ISA=AVX2`, where bf16 ran 5-7 times slower)."""
-    weight = head.weight[:PROBE_WORDS].detach()
+    weight = rows_of(head, table).block(0, PROBE_WORDS).detach().contiguous()
     low = weight.to(torch.bfloat16)
     rows = torch.randn(PROBE_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0))
     fp32_s, bf16_s = [], []
@@ -109,10 +110,10 @@ def bf16_speedup(head: torch.nn.Linear, *, rounds: int = 3) -> float:
     return min(fp32_s[1:]) / max(min(bf16_s[1:]), 1e-9)
 
 
-def choose_kind(head: torch.nn.Linear) -> str | None:
+def choose_kind(head: torch.nn.Linear, table: Int8Table | None = None) -> str | None:
     """The screen for this CPU: "bf16" where bf16 `linear` is at least `BF16_FASTER` times faster
     than fp32 on a slice of the layer, else "int4" where its kernel applies, else None."""
-    if bf16_speedup(head) >= BF16_FASTER:
+    if bf16_speedup(head, table=table) >= BF16_FASTER:
         return "bf16"
     return "int4" if int4_applies(head) else None
 

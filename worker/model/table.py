@@ -250,7 +250,7 @@ def install(lm: torch.nn.Module, cache: Path | None = None) -> Int8Table | None:
     once derived. Returns the table (for the output layer's greedy path), or None where it does
     not apply: not a tied fp32 Gemma word table, or values that are not int8 blocks."""
     embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-    if (type(embedding).__name__ != "Gemma3TextScaledWordEmbedding" or head is None
+    if (type(embedding).__name__ != "Gemma3TextScaledWordEmbedding" or not isinstance(head, torch.nn.Linear)
             or head.weight.data_ptr() != embedding.weight.data_ptr() or embedding.weight.device.type != "cpu"
             or embedding.weight.dtype != torch.float32):
         return None

@@ -65,14 +65,16 @@ def test_screened_greedy_generation_gives_the_full_layers_tokens(engine: Engine,
     items = _items(engine, docstrings, 60)[:24]
     decoder: Decoder = engine.decoder
     assert decoder.screen_wanted and decoder.ensure_screen() is not None
-    # When generated greedily with the screen and with every word scored in fp32
-    before = decoder.screened_rows
-    screened = engine.generate_tokenized(items, max_new_tokens=32)
-    decoder.screen_wanted = False
+    # When generated greedily with the screen asked for every call (whatever an earlier trial on this
+    # shared engine kept it for) and with every word scored in fp32
+    before, trial = decoder.screened_rows, decoder.screen_trial
+    decoder.screen_trial = None
     try:
+        screened = engine.generate_tokenized(items, max_new_tokens=32)
+        decoder.screen_wanted = False
         full = engine.generate_tokenized(items, max_new_tokens=32)
     finally:
-        decoder.screen_wanted = True
+        decoder.screen_wanted, decoder.screen_trial = True, trial
     # Then the screen answered most rows, and every output is the same, token for token
     assert decoder.screened_rows - before > 24 * 16
     assert [g.token_ids for g in screened] == [g.token_ids for g in full]
@@ -200,7 +202,7 @@ def test_each_cpu_gets_the_screen_it_runs_faster(engine: Engine, speedup: float,
     if not 0.8 < real / module.BF16_FASTER < 1.25:  # clear of the threshold, so timing noise cannot flip it
         assert module.choose_kind(engine.decoder.head) == ("bf16" if real >= module.BF16_FASTER else "int4")
     # When a CPU's probe gives `speedup` (patched: one machine has only one kind of CPU)
-    monkeypatch.setattr(module, "bf16_speedup", lambda head, rounds=3: speedup)
+    monkeypatch.setattr(module, "bf16_speedup", lambda head, rounds=3, table=None: speedup)
     monkeypatch.setattr(module, "int4_applies", lambda head: int4_fits)
     # Then bf16 is chosen where bf16 is faster, else int4 where its kernel fits, else none
     assert module.choose_kind(engine.decoder.head) == kind
@@ -236,10 +238,10 @@ def test_a_row_without_a_clear_winner_is_scored_in_full(engine: Engine, int4_scr
         flat = torch.zeros(1, weight.shape[1])
         # When the screen this CPU chose is asked for their tokens
         _, sure = decoder.ensure_screen().best(flat)
-        before = decoder.unscreened_rows
+        before = decoder.unsure_rows
         # Then it is not sure of the flat row, which goes to the full layer: the lowest id, as argmax
         assert not bool(sure[0])
-        assert decoder.best(flat) == [0] and decoder.unscreened_rows == before + 1
+        assert decoder.best(flat) == [0] and decoder.unsure_rows == before + 1
     # and a tie among the int4 screen's candidates goes to the lowest id
     screen = int4_screen
     with torch.inference_mode():
@@ -266,10 +268,10 @@ def test_the_screen_is_built_once_greedy_work_has_earned_it_and_only_where_it_ap
     monkeypatch.setattr(decode, "SCREEN_AFTER_S", 1e9)
     engine.warm_up()
     engine.generate(["The sky is"], max_new_tokens=4)
-    spent = engine.decoder.full_layer_s
+    spent, full = engine.decoder.full_layer_s, engine.decoder.full_rows
     engine.generate(["The sky is"], max_new_tokens=2, temperature=0.7, seed=1)
     assert engine.decoder.screen_wanted and engine.decoder._screen is None
-    assert 0 < spent == engine.decoder.full_layer_s
+    assert 0 < spent == engine.decoder.full_layer_s and full >= 4 and engine.decoder.full_rows == full
     # and once the full layer has taken SCREEN_AFTER_S, the next greedy row builds the screen, times
     # it against the full layer at 1, 8 and 32 rows per call (one prompt's step to a batch's), and
     # keeps it for calls up to the largest size at which it was faster
@@ -281,7 +283,9 @@ def test_the_screen_is_built_once_greedy_work_has_earned_it_and_only_where_it_ap
     won = [size for size, screen_s, full_s in trial.sizes if screen_s < full_s]
     assert trial.kept == bool(won) and trial.up_to == (won[-1] if won and won[-1] != 32 else None)
     assert (engine.decoder._screen is not None) == trial.kept
-    assert engine.decoder.screened_rows + engine.decoder.unscreened_rows == (2 if trial.kept else 0)
+    # (its two greedy rows counted by the path they took: the screen, or the full layer uncounted by it)
+    assert engine.decoder.screened_rows + engine.decoder.unsure_rows == (2 if trial.kept else 0)
+    assert engine.decoder.full_rows == full + (0 if trial.kept else 2)
     # When turned off, no screen is built and greedy rows take the full layer
     off = Engine(loaded_model, max_input_tokens=512, token_budget=1024, max_batch_size=8, max_new_tokens=8,
                  head_screen=False)
@@ -305,7 +309,7 @@ def test_the_screen_is_kept_only_where_it_beats_the_full_layer(loaded_model, slo
     engine = Engine(loaded_model, max_input_tokens=512, token_budget=1024, max_batch_size=8, max_new_tokens=8)
     expected = engine.generate(["The sky is", "Water boils at"], max_new_tokens=6)
     kind = head_screen.choose_kind(engine.decoder.head)
-    monkeypatch.setattr(head_screen, "choose_kind", lambda head: kind)  # the same kind in the trial
+    monkeypatch.setattr(head_screen, "choose_kind", lambda head, table=None: kind)  # the same kind in the trial
     target, name = ({"int4": HeadScreen, "bf16": Bf16Screen}[kind], "best") if slow == "screen" else (Decoder, "best_blocked")
     original = getattr(target, name)
 
@@ -336,7 +340,7 @@ def test_a_screen_that_wins_only_for_few_rows_answers_only_calls_that_few(loaded
     # layer's (as the int4 screen's does on the AVX2 machine): 15 ms a row against 200 ms a call
     engine = Engine(loaded_model, max_input_tokens=512, token_budget=1024, max_batch_size=8, max_new_tokens=8)
     kind = head_screen.choose_kind(engine.decoder.head)
-    monkeypatch.setattr(head_screen, "choose_kind", lambda head: kind)
+    monkeypatch.setattr(head_screen, "choose_kind", lambda head, table=None: kind)
     screen_class = {"int4": HeadScreen, "bf16": Bf16Screen}[kind]
     screen_best, full_best = screen_class.best, Decoder.best_blocked
 
@@ -360,12 +364,14 @@ def test_a_screen_that_wins_only_for_few_rows_answers_only_calls_that_few(loaded
     assert [(size, s < f) for size, s, f in trial.sizes] == [(1, True), (8, True), (32, False)]
     assert trial.kept and trial.up_to == 8 and decoder.screen is not None
     # so a call of 8 rows is screened (or sent row by row to the full layer where the margin says
-    # so), a call of 12 goes whole to the full layer, uncounted, and each gets the full layer's tokens
-    counted = decoder.screened_rows + decoder.unscreened_rows
+    # so), a call of 12 goes whole to the full layer (counted as not offered to the screen), and
+    # each gets the full layer's tokens
+    counted, full = decoder.screened_rows + decoder.unsure_rows, decoder.full_rows
     assert decoder.best(hidden[:8]) == full_best(decoder, hidden[:8])
-    assert decoder.screened_rows + decoder.unscreened_rows == counted + 8 and decoder.screened_rows > 0
+    assert decoder.screened_rows + decoder.unsure_rows == counted + 8 and decoder.screened_rows > 0
+    assert decoder.full_rows == full
     assert decoder.best(hidden) == full_best(decoder, hidden)
-    assert decoder.screened_rows + decoder.unscreened_rows == counted + 8
+    assert decoder.screened_rows + decoder.unsure_rows == counted + 8 and decoder.full_rows == full + 12
 
 
 def test_the_cli_turns_the_screen_on_unless_told_not_to(engine: Engine) -> None:

@@ -22,8 +22,20 @@ def test_int8_quantizes_the_body_and_keeps_the_output_layer(int8_engine: Engine,
     quantized = [m for m in int8_engine.model.body.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     # Every linear layer of the body is int8, none is left fp32
     assert not linears and len(quantized) == sum(isinstance(m, torch.nn.Linear) for m in engine.model.body.modules())
-    # The output layer (tied to the embedding) stays fp32, so the blocked greedy head still applies
+    # The output layer (tied to the embedding) stays fp32, so the blocked greedy head still applies,
+    # and it and the input embedding read the word table's exact int8 blocks, as the fp32 engine's do
+    # (sampling's full logits included), not the fp32 table's checkpoint pages
     assert isinstance(int8_engine.decoder.head, torch.nn.Linear)
+    table = int8_engine.model.table
+    assert table is not None and int8_engine.decoder.table is table and int8_engine.decoder.head.int8_table is table
+    assert torch.equal(table.codes, engine.model.table.codes)
+    hidden = torch.randn(3, table.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = int8_engine.decoder.head(hidden)
+        assert torch.equal(logits, engine.decoder.head(hidden))
+        assert torch.allclose(logits[:, :4096], torch.nn.functional.linear(hidden, table.block(0, 4096)), atol=1e-4)
+    sampled = int8_engine.generate(["Once upon a time"], max_new_tokens=4, temperature=0.9, seed=3)[0]
+    assert sampled.token_ids
     # and the model's name says it is quantized, which keeps its results apart in the cache
     assert int8_engine.name == engine.name + "+int8" and int8_engine.name != engine.name
 

@@ -204,8 +204,11 @@ engine.embed(["Pub/Sub delivers at least once."])
 engine.generate(["Once upon a time"], max_new_tokens=8, temperature=0.9, seed=3)
 engine.generate(["A colour as JSON:"], max_new_tokens=8, response_schema={"type": "object"})
 engine.generate([" ".join(["river"] * 700)], max_new_tokens=2)
-print(json.dumps({"after_build": after_build, "after_work": resident_mb(weight), "table_mb": weight.nbytes / 2**20,
-                  "codes_mapped": mapped}))
+after_work = resident_mb(weight)
+# the greedy head's screen: choosing its kind (a bf16 probe on 4,096 words) and building it
+engine.decoder.ensure_screen()
+print(json.dumps({"after_build": after_build, "after_work": after_work, "table_mb": weight.nbytes / 2**20,
+                  "codes_mapped": mapped, "screen_mb": resident_mb(weight) - after_work}))
 """
 
 
@@ -219,5 +222,8 @@ def test_a_fresh_worker_keeps_none_of_the_fp32_table_resident(engine: Engine) ->
     # after the build and after the work, sampling, a grammar and `generate` included (the int8
     # blocks serve the lookup, the greedy head and the output layer's full logits)
     assert got["table_mb"] == 640 and got["after_build"] < 16 and got["after_work"] < 16, got
+    # and choosing and building the greedy head's screen reads the int8 blocks too (its bf16 probe
+    # would fault 10 MiB of the fp32 rows back in)
+    assert got["screen_mb"] < 4, got
     # and its table came from the cache file, mapped, not derived again
     assert got["codes_mapped"], got
