@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 # The fixed cost of one forward pass, in padded tokens' worth of work: what `plan_batches` weighs
 # against padding when it decides where one batch ends (measured by `python -m bench --sweep`).
 BATCH_OVERHEAD = 128
+# One decode step of a `generate` batch, in prompt tokens' worth of work: it reads every weight and
+# scores the whole vocabulary whatever its rows (on the 2-core CPU of docs/PERFORMANCE.md a step of
+# one row cost what prefilling 40 prompt tokens did, a step of eight rows 90), so a batch's fixed
+# cost grows with its new tokens.
+DECODE_STEP_TOKENS = 32
 
 
 
@@ -309,7 +314,11 @@ class Engine:
         if fitting:
             plan.append((sorted(fitting, key=lambda i: len(items[i].ids), reverse=True), True))
         costs = [len(items[i].ids) + max_new_tokens for i in rest]
-        for batch in plan_batches(costs, token_budget=self.decode_tokens, max_batch_size=self.max_batch_size):
+        # A batch's fixed cost is its decode steps, each reading every weight whatever the rows:
+        # padding a prompt costs far less than running its row in a batch of its own.
+        overhead = BATCH_OVERHEAD + max_new_tokens * DECODE_STEP_TOKENS
+        for batch in plan_batches(costs, token_budget=self.decode_tokens, max_batch_size=self.max_batch_size,
+                                  batch_overhead=overhead):
             plan.append(([rest[k] for k in batch], False))
         return plan
 
