@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from bench import generation
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for i in range(2):
         profiled(args.out, f"embed{i}", lambda: engine.embed(texts, truncate=True), cuda=cuda)
     for i in range(2):
-        profiled(args.out, f"gen{i}", lambda: engine.generate_tokenized(items, max_new_tokens=64), cuda=cuda)
+        profiled(args.out, f"gen{i}", lambda: engine.generate_tokenized(items, max_new_tokens=args.max_new_tokens), cuda=cuda)
     return {"out": str(args.out)}
 
 

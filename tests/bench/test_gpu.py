@@ -93,7 +93,7 @@ def test_coldprofile_writes_a_profile_of_the_build_and_of_each_call(settings: Se
 
     model = prepare_model(settings.model, settings.cache_dir).path
     coldprofile.main([str(model), "--device", "cpu", "--cache-dir", str(settings.cache_dir), "--texts", "4",
-                      "--prompts", "1", "--out", str(tmp_path)])
+                      "--prompts", "1", "--max-new-tokens", "4", "--out", str(tmp_path)])
     files = {p.name: p.read_text() for p in tmp_path.iterdir()}
     assert set(files) == {"build.txt", "embed0.txt", "embed1.txt", "gen0.txt", "gen1.txt"}
     # each names its part and its seconds, and the profile reaches the engine's own code

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.reliability]
 # published twice; 200 tasks through storage faults and through a broker restart; 5,000 queued tasks).
 FULL = os.environ.get("GEMMA_BATCH_RELIABILITY") == "full"
 CRASH_TASKS = 500 if FULL else 100
-STOP_TASKS = 300 if FULL else 100
+STOP_TASKS = 300 if FULL else 60
 PAIR_TASKS = 150 if FULL else 100
 FAULT_TASKS = 200 if FULL else 120
 RESTART_TASKS = 200 if FULL else 120
