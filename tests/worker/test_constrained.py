@@ -50,6 +50,17 @@ def test_a_row_out_of_tokens_before_the_json_closes_reports_length(engine: Engin
     assert all(len(g.token_ids) == 4 for g in out)
 
 
+def test_a_value_that_closes_on_the_last_token_allowed_is_whole(engine: Engine) -> None:
+    # Given a schema whose value takes a few tokens, and exactly as many new tokens as it took
+    schema = {"type": "boolean"}
+    free = engine.generate(PROMPTS[:1], max_new_tokens=8, response_schema=schema)[0]
+    assert free.finish_reason == "stop" and free.text in ("true", "false")
+    # When generated again with no room left for the end-of-sequence id
+    out = engine.generate(PROMPTS[:1], max_new_tokens=len(free.token_ids), response_schema=schema)[0]
+    # Then the value is whole: "stop", not "length"
+    assert (out.text, out.finish_reason) == (free.text, "stop")
+
+
 def test_concurrent_first_requests_for_a_schema_compile_it_once(engine: Engine) -> None:
     # Given a schema nobody compiled yet, asked for by 8 threads at once
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "title": "once"}
