@@ -44,7 +44,6 @@ SCREEN_AFTER_S = 1.5
 # than the full layer's, so on some CPUs it wins for a lone prompt and loses for a batch.
 TRIAL_ROUNDS = 2
 TRIAL_SIZES = (1, 8, 32)
-TRIAL_ROWS = TRIAL_SIZES[-1]
 
 # Shrink the decode batch (copying the cache) only once this share of its rows has finished:
 # copying on every finished row would cost more than the steps it saves.
@@ -135,6 +134,10 @@ class ScreenTrial:
     up_to: int | None = None  # the most rows per call it answers; None: every call (or dropped)
     sizes: list[tuple[int, float, float]] = field(default_factory=list)
 
+    def covers(self, rows: int) -> bool:
+        """Whether a kept screen answers a call of this many rows."""
+        return self.up_to is None or rows <= self.up_to
+
 
 class Decoder:
     """The prefill → merge → decode loop over one model. Stateless between calls, but for the
@@ -211,9 +214,7 @@ class Decoder:
         screen = self.screen
         if screen is None and self.screen_wanted and self.screen_trial is None and self.full_layer_s >= SCREEN_AFTER_S:
             return self.try_screen(hidden)
-        over = screen is not None and self.screen_trial is not None and self.screen_trial.up_to is not None \
-            and hidden.shape[0] > self.screen_trial.up_to  # more rows than the screen won at
-        if screen is not None and not over:
+        if screen is not None and (self.screen_trial is None or self.screen_trial.covers(hidden.shape[0])):
             return self._screened(screen, hidden)
         started = time.monotonic()
         out = self._full(hidden)

@@ -93,7 +93,7 @@ def bf16_speedup(head: torch.nn.Linear, *, rounds: int = 3, table: Int8Table | N
     `PROBE_ROWS` rows, best of `rounds` each, alternating; a CPU on which a timed round's bf16 is
     four times slower is settled there (8-14 ms in all on an AVX-512/AMX machine; about 20 ms
     there with oneDNN held to AVX2, `ONEDNN_MAX_CPU_ISA=AVX2`, where bf16 ran 5-7 times slower)."""
-    weight = rows_of(head, table).block(0, PROBE_WORDS).detach().contiguous()
+    weight = rows_of(head, table).block(0, PROBE_WORDS).detach()
     low = weight.to(torch.bfloat16)
     rows = torch.randn(PROBE_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0))
     fp32_s, bf16_s = [], []

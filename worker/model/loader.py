@@ -230,10 +230,9 @@ def load_from_settings(settings: Settings) -> LoadedModel:
     loaded = load_model(prepared, placement)
     if settings.quantize is not None:
         loaded = quantize(loaded, settings.quantize)
-    # the word table as int8 blocks where the output layer stays a tied fp32 one (dynamic int8 leaves
-    # it so; the CPU int4 mode replaces it)
-    if (settings.quantize in (None, "int8") and loaded.lm is not None and placement.device.type == "cpu"
-            and placement.dtype == torch.float32):
+    # the word table as int8 blocks where the output layer is still a tied fp32 one (`install` checks:
+    # dynamic int8 leaves it so, the CPU int4 mode replaces it)
+    if loaded.lm is not None and placement.device.type == "cpu" and placement.dtype == torch.float32:
         from worker.model import table
 
         cache = settings.cache_dir.expanduser() / "tables" / f"{table.checkpoint_key(prepared.path)}.safetensors"
