@@ -14,10 +14,11 @@ used only while every row fits the model's sliding window (then sliding and full
 same keys); longer work goes through `generate`. See bench/generation.py for the measurements."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,11 @@ SCREEN_AFTER_S = 1.5
 # than the full layer's, so on some CPUs it wins for a lone prompt and loses for a batch.
 TRIAL_ROUNDS = 2
 TRIAL_SIZES = (1, 8, 32)
+
+# A greedy row of a `generate` batch whose processors (a grammar) permit at most this many words is
+# scored on those words alone (`Decoder.best_allowed`): at JSON punctuation, or a key the schema
+# fixes, a handful of dot products instead of the whole 262,144-word layer.
+ALLOWED_DIRECT = 4096
 
 # Shrink the decode batch (copying the cache) only once this share of its rows has finished:
 # copying on every finished row would cost more than the steps it saves.
@@ -166,6 +172,12 @@ class Decoder:
         self.full_rows = 0  # rows not offered to a screen: none built (yet), dropped, off, or a call over its `up_to`
         self.full_layer_s = 0.0  # time greedy rows spent in the full layer before the screen was built
         self.screen_trial: ScreenTrial | None = None  # the build's timing of screen against full layer
+        # Greedy `generate` batches choose through `best_allowed` (`stashing`): a CPU fp32 layer
+        # without bias or soft-capping, whose greedy answer is a plain argmax of its rows' products.
+        self.pick_applies = (device.type == "cpu" and type(self.head) is torch.nn.Linear and self.head.bias is None
+                             and self.softcap is None and self.head.weight.dtype == torch.float32)
+        self.allowed_rows = 0  # greedy rows of `generate` batches scored on their permitted words alone
+        self._stash: torch.Tensor | None = None
         log.info("greedy head: %s", f"bf16 or int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s "
                  "and kept if faster" if self.screen_wanted else "full output layer")
 
@@ -222,6 +234,67 @@ class Decoder:
             self.full_layer_s += time.monotonic() - started
         return out
 
+    @contextlib.contextmanager
+    def stashing(self) -> Iterator[None]:
+        """While open, the output layer's forward computes nothing: it keeps the final hidden state
+        of each row's last position (`stashed`) and hands back placeholder logits, 0 for every word,
+        for a greedy `generate`'s processors to mask; `decoding.GreedyRows`, last among them, then
+        chooses through `best_allowed`. Only where `pick_applies`; one call at a time (the engine's
+        thread)."""
+        head = self.head
+        own = head.__dict__.get("forward")  # the word table's forward, where it is installed
+
+        def stash(hidden: torch.Tensor) -> torch.Tensor:
+            self._stash = hidden[..., -1, :] if hidden.dim() == 3 else hidden
+            return hidden.new_zeros(*hidden.shape[:-1], head.out_features)
+
+        head.forward = stash
+        try:
+            yield
+        finally:
+            self._stash = None
+            if own is None:
+                del head.forward
+            else:
+                head.forward = own
+
+    def stashed(self) -> torch.Tensor:
+        """The final hidden states the output layer kept in this step (`stashing`), one row per row."""
+        if self._stash is None:
+            raise RuntimeError("no hidden state kept: the output layer ran outside `stashing`")
+        return self._stash
+
+    def best_allowed(self, hidden: torch.Tensor, allowed: torch.Tensor) -> list[int]:
+        """The greedy token per row among the words `allowed` (bool, rows x vocabulary) permits: the
+        argmax of the full layer's logits with the others at -inf (ties to the lowest id; 0 where
+        nothing is permitted, as argmax gives over -inf). A row permitted at most `ALLOWED_DIRECT`
+        words is scored on those alone, from the layer's fp32 rows; the others take the unmasked
+        greedy token (`best`, the screen where it applies) when it is permitted, which is then the
+        masked answer too, and else the full layer's masked scores (`best_blocked`)."""
+        counts = allowed.sum(dim=1).tolist()
+        out = [0] * len(counts)
+        source = rows_of(self.head, self.table)
+        wide = []
+        for r, count in enumerate(counts):
+            if count > ALLOWED_DIRECT:
+                wide.append(r)
+            elif count:
+                ids = allowed[r].nonzero().flatten()
+                out[r] = int(ids[int(scores(hidden[r: r + 1], source.rows(ids)).argmax())])
+                self.allowed_rows += 1
+        if wide:
+            first = self.best(hidden[wide])
+            missed = []
+            for r, token in zip(wide, first):
+                if allowed[r, token]:
+                    out[r] = token
+                else:
+                    missed.append(r)
+            if missed:
+                for r, token in zip(missed, self.best_blocked(hidden[missed], allowed=allowed[missed])):
+                    out[r] = token
+        return out
+
     def _full(self, hidden: torch.Tensor) -> list[int]:
         """`best_blocked`, counted in `full_rows`."""
         self.full_rows += hidden.shape[0]
@@ -274,12 +347,16 @@ class Decoder:
             ids[unsure] = torch.tensor(self.best_blocked(hidden[unsure]), dtype=ids.dtype)
         return ids.tolist()
 
-    def best_blocked(self, hidden: torch.Tensor) -> list[int]:
+    def best_blocked(self, hidden: torch.Tensor, allowed: torch.Tensor | None = None) -> list[int]:
         """The greedy token per row from the full output layer, in vocabulary blocks with a running
         maximum. The same dot products over the hidden size as `logits` (`table.scores`), a fraction
-        of the memory traffic; ties go to the lowest token id, as `argmax` breaks them."""
+        of the memory traffic; ties go to the lowest token id, as `argmax` breaks them. `allowed`
+        (bool, rows x vocabulary): only those words compete (the others score -inf)."""
         if not isinstance(self.head, torch.nn.Linear):  # a quantized head: its own kernel, whole
-            return self.logits(hidden).argmax(dim=-1).tolist()
+            logits = self.logits(hidden)
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            return logits.argmax(dim=-1).tolist()
         bias = self.head.bias
         best_score = torch.full((hidden.shape[0],), float("-inf"), dtype=hidden.dtype, device=hidden.device)
         best_id = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
@@ -289,6 +366,8 @@ class Decoder:
                 block = block + bias[start: start + rows.shape[0]]
             if self.softcap is not None:
                 block = torch.tanh(block / self.softcap) * self.softcap
+            if allowed is not None:
+                block = block.masked_fill(~allowed[:, start: start + rows.shape[0]], float("-inf"))
             score, index = block.max(dim=-1)
             better = score > best_score
             best_score = torch.where(better, score, best_score)

@@ -1,8 +1,8 @@
-"""Per-row sampling and stop strings for batched `generate`, so each prompt's output
+"""Per-row sampling, greedy choice and stop strings for batched `generate`, so each prompt's output
 depends on its own logits and seed, not on the batch it rode in."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
@@ -39,6 +39,46 @@ class RowSampler(LogitsProcessor):
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         return [int(torch.multinomial(probs[k], 1, generator=self.generators[r])) for k, r in enumerate(rows)]
+
+
+class AllowedChooser(Protocol):
+    """What `GreedyRows` asks for a greedy row's token (worker/decode.py `Decoder`)."""
+
+    def stashed(self) -> torch.Tensor: ...
+
+    def best_allowed(self, hidden: torch.Tensor, allowed: torch.Tensor) -> list[int]: ...
+
+
+class GreedyRows(LogitsProcessor):
+    """Last of a greedy `generate`'s processors while the output layer's forward hands back
+    placeholder logits (0 for every word) and keeps the final hidden state (`Decoder.stashing`):
+    the processors before it (a grammar) turn the words they forbid to -inf, and this one asks the
+    decoder for each row's best permitted word from that hidden state (`Decoder.best_allowed`,
+    which scores only what the choice needs), leaving only that word finite for greedy search."""
+
+    def __init__(self, chooser: AllowedChooser) -> None:
+        self.chooser = chooser
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        allowed = scores > float("-inf")
+        chosen = self.chooser.best_allowed(self.chooser.stashed(), allowed)
+        forced = torch.full_like(scores, float("-inf"))
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        forced[rows, torch.tensor(chosen, device=scores.device)] = 0.0
+        return forced
+
+
+# Generation settings whose processors read logits' values rather than only masking words, with the
+# values that turn them off: `GreedyRows` needs placeholder logits to pass through unchanged but for -inf.
+_VALUE_SETTINGS = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+                   "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+                   "sequence_bias": (None,), "guidance_scale": (None, 1.0), "watermarking_config": (None,),
+                   "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False)}
+
+
+def masks_only(config: Any) -> bool:
+    """Whether a generation config adds no processor that reads logits' values (only masks)."""
+    return all(getattr(config, name, None) in neutral for name, neutral in _VALUE_SETTINGS.items())
 
 
 class StopOnStrings(StoppingCriteria):

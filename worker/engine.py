@@ -3,6 +3,7 @@
 restore input order). The batcher knows the engine through these few methods only."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -20,7 +21,7 @@ from schemas.errors import ErrorCode, TaskError
 from worker.checks import check_dims, check_sampling, check_texts
 from worker.constrained import CompiledSchema, GrammarRows, SchemaGrammars
 from worker.decode import Decoder, fits, sliding_window
-from worker.decoding import RowSampler, StopOnStrings, cut_at_stop, stop_window
+from worker.decoding import GreedyRows, RowSampler, StopOnStrings, cut_at_stop, masks_only, stop_window
 from worker.model.loader import LoadedModel, load_from_settings
 from worker.settings import Settings
 
@@ -109,7 +110,8 @@ class Engine:
                                 table=model.table)
                         if model.lm is not None else None)
         self._compiled_forward: Any = None  # set by compile_embedding
-        self.batched_decode = True  # False: every batch through `generate` (the unoptimised path, for comparison)
+        # False: every batch through `generate`, with the full layer's logits (the unoptimised path, for comparison)
+        self.batched_decode = True
         eos = model.lm.generation_config.eos_token_id if model.lm is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         # Chat-formatted prompts end the model's turn with <end_of_turn>; stop there too.
@@ -362,10 +364,16 @@ class Engine:
             processors.append(constrained)
         if temperature > 0:
             processors.append(RowSampler(temperature=temperature, top_p=top_p, seeds=seeds))
+        # Greedy rows need only their best permitted word, not 262,144 logits a step: the output
+        # layer keeps its input and `GreedyRows`, last, chooses (Decoder.best_allowed).
+        pick = (temperature == 0 and self.batched_decode and self.decoder is not None and self.decoder.pick_applies
+                and masks_only(self.model.lm.generation_config))
+        if pick:
+            processors.append(GreedyRows(self.decoder))
         criteria = StoppingCriteriaList()
         if stop:
             criteria.append(StopOnStrings(stops=stop, tokenizer=self.tokenizer, prompt_width=width))
-        with torch.inference_mode():
+        with torch.inference_mode(), self.decoder.stashing() if pick else contextlib.nullcontext():
             out = self.model.lm.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
                 do_sample=False, top_k=None, top_p=None, temperature=None, pad_token_id=pad,

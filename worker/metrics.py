@@ -150,12 +150,14 @@ class HeadScreenCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("gemma_greedy_head_rows", "Greedy decode rows by how the output layer picked "
                                      "their token: 'screened' (bf16 or int4 screen, fp32 re-score), 'unsure' (every word "
-                                     "in fp32, the screen unsure of the row) or 'full' (every word in fp32, no screen "
+                                     "in fp32, the screen unsure of the row), 'full' (every word in fp32, no screen "
                                      "asked: none built yet, dropped by its trial, turned off, or more rows in the call "
-                                     "than it wins at).", labels=["path"])
+                                     "than it wins at) or 'permitted' (a constrained row whose grammar permitted few "
+                                     "words, only those scored).", labels=["path"])
         family.add_metric(["screened"], self.decoder.screened_rows)
         family.add_metric(["unsure"], self.decoder.unsure_rows)
         family.add_metric(["full"], self.decoder.full_rows)
+        family.add_metric(["permitted"], self.decoder.allowed_rows)
         yield family
 
 

@@ -125,3 +125,78 @@ def test_grammar_rows_allow_only_end_of_sequence_once_a_value_is_complete(engine
     assert value[0] in allowed[0] and eos not in allowed[0]
     assert allowed[len(value)] <= engine.eos_ids and eos in allowed[len(value)]
     assert allowed[-1] == engine.eos_ids and not any(rows.failed)
+
+
+def test_greedy_constrained_rows_get_the_tokens_of_the_full_layers_masked_logits(engine: Engine,
+                                                                                  docstrings: list[str]) -> None:
+    # Given three graph prompts over real docstrings, under the graph task's own schema
+    from worker.tasks.graph import GRAPH_SCHEMA, render_prompt
+    prompts = [render_prompt(" ".join(d.split()), title=None) for d in docstrings if 150 <= len(d) <= 400][:3]
+    decoder = engine.decoder
+    direct, offered = decoder.allowed_rows, decoder.screened_rows + decoder.unsure_rows + decoder.full_rows
+    # When decoded greedily, choosing each token from the permitted words only (Decoder.best_allowed)
+    picked = engine.generate(prompts, max_new_tokens=40, response_schema=GRAPH_SCHEMA)
+    counts = decoder.allowed_rows - direct, decoder.screened_rows + decoder.unsure_rows + decoder.full_rows - offered
+    # and through the full output layer's logits, masked by the grammar
+    engine.batched_decode = False
+    try:
+        reference = engine.generate(prompts, max_new_tokens=40, response_schema=GRAPH_SCHEMA)
+    finally:
+        engine.batched_decode = True
+    # Then every row has the same tokens, and both ways of choosing were taken: rows whose grammar
+    # permits few words (punctuation, the schema's keys) scored on those alone, the rest (inside
+    # strings) through the greedy head
+    assert [g.token_ids for g in picked] == [g.token_ids for g in reference]
+    assert counts[0] > 40 and counts[1] > 10, counts
+    assert decoder.allowed_rows - direct == counts[0]  # the full-logits path scores no row that way
+
+
+def test_the_best_permitted_word_is_the_argmax_of_the_masked_logits(engine: Engine, docstrings: list[str]) -> None:
+    # Given the final hidden states of six real prompts and their full logits
+    decoder = engine.decoder
+    rows = [tuple(engine.tokenize([d], truncate=True, limit=60, what="prompt")[0].ids) for d in docstrings[:6]]
+    with torch.inference_mode():
+        hidden = torch.cat([decoder.prefill(rows, [i]).hidden for i in range(len(rows))])
+        logits = decoder.logits(hidden)
+    free = logits.argmax(dim=-1)
+    vocab = logits.shape[1]
+    generator = torch.Generator().manual_seed(5)
+    # When each row is permitted: everything; everything but its favourite (so the greedy head's
+    # answer is refused and the masked full layer decides); 3,000 random words (scored alone); one
+    # word; nothing
+    allowed = torch.ones((6, vocab), dtype=torch.bool)
+    allowed[1, free[1]] = False
+    allowed[2] = torch.rand(vocab, generator=generator) < 3000 / vocab
+    allowed[3] = False
+    allowed[3, 77] = True
+    allowed[4] = False
+    allowed[5, : vocab // 2] = False
+    with torch.inference_mode():
+        chosen = decoder.best_allowed(hidden, allowed)
+    # Then each row gets what argmax over its masked logits gives (0 where nothing is permitted)
+    expected = logits.masked_fill(~allowed, float("-inf")).argmax(dim=-1).tolist()
+    assert chosen == expected
+    assert chosen[0] == free[0] and chosen[1] != free[1] and chosen[3] == 77 and chosen[4] == 0
+    assert allowed[2].sum() <= 4096  # row 2 went the direct way
+
+
+def test_a_model_whose_generation_config_reads_logit_values_keeps_the_full_logits(engine: Engine) -> None:
+    # Given the model's generation config asking for a repetition penalty (a processor that reads
+    # each logit's value, which placeholder logits would not carry)
+    from transformers import GenerationConfig
+
+    from worker.decoding import masks_only
+    assert masks_only(engine.model.lm.generation_config)
+    assert not masks_only(GenerationConfig(repetition_penalty=1.3))
+    assert not masks_only(GenerationConfig(no_repeat_ngram_size=3))
+    config = engine.model.lm.generation_config
+    direct = engine.decoder.allowed_rows
+    config.repetition_penalty = 1.3
+    try:
+        # When a greedy constrained row is generated
+        out = engine.generate(PROMPTS[:1], max_new_tokens=8, response_schema={"type": "boolean"})[0]
+    finally:
+        config.repetition_penalty = 1.0
+    # Then it is chosen from the full logits (no row scored on its permitted words alone), still valid
+    assert engine.decoder.allowed_rows == direct
+    assert out.finish_reason == "stop" and out.text in ("true", "false")

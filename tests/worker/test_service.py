@@ -230,7 +230,10 @@ def test_metrics_cover_requests_batches_tokens_errors_and_load(http: httpx.Clien
     runtime.engine.decoder.ensure_screen()
     paths = ("screened", "unsure", "full")
     rows = sum(_metric(http, "gemma_greedy_head_rows_total", path=path) for path in paths)
+    permitted = _metric(http, "gemma_greedy_head_rows_total", path="permitted")
     assert http.post("/generate", json={"prompt": "Hello", "max_tokens": 2}).status_code == 200
+    assert http.post("/generate", json={"prompt": "Is water wet?", "max_tokens": 4,
+                                        "response_schema": {"type": "boolean"}}).status_code == 200
     assert http.post("/embed", json={"texts": ["x"], "dims": 0}).status_code == 422
     # When the metrics are scraped
     text = http.get("/metrics").text
@@ -243,6 +246,8 @@ def test_metrics_cover_requests_batches_tokens_errors_and_load(http: httpx.Clien
     assert _metric(http, "gemma_errors_total", code="invalid_parameter") >= 1
     # and the request's two greedy rows, answered by the output layer's screen or in full (CPU)
     assert sum(_metric(http, "gemma_greedy_head_rows_total", path=path) for path in paths) >= rows + 2
+    # and the constrained request's rows, whose grammar permitted few words, scored on those alone
+    assert _metric(http, "gemma_greedy_head_rows_total", path="permitted") >= permitted + 2
     assert "gemma_model_load_seconds" in text and "gemma_queue_depth" in text
 
 
