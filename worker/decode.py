@@ -41,8 +41,9 @@ VOCAB_BLOCK = 4096
 SCREEN_AFTER_S = 1.5
 # Then time it against the full layer, this many rounds each, at each of these rows per call (one
 # prompt's step up to a batch's), and keep it for calls up to the largest size at which it was faster
-# (for every call if that is the largest size): the int4 screen's cost grows with the rows faster
-# than the full layer's, so on some CPUs it wins for a lone prompt and loses for a batch.
+# (for every call if that is the largest size; a larger call is screened in pieces of that size
+# where the trial's times say the pieces beat the full layer): the int4 screen's cost grows with the
+# rows faster than the full layer's, so on some CPUs it wins for a lone prompt and loses for a batch.
 TRIAL_ROUNDS = 2
 TRIAL_SIZES = (1, 8, 32)
 
@@ -144,6 +145,25 @@ class ScreenTrial:
         """Whether a kept screen answers a call of this many rows."""
         return self.up_to is None or rows <= self.up_to
 
+    def seconds(self, rows: int, *, screen: bool) -> float:
+        """A call's time at this many rows, screened or through the full layer: the trial's times,
+        linear between its sizes and extended from the nearest two beyond them."""
+        points = [(size, screen_s if screen else full_s) for size, screen_s, full_s in self.sizes]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if rows <= x1 or x1 == points[-1][0]:
+                return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+        return points[0][1]
+
+    def pieces(self, rows: int) -> int | None:
+        """Rows per piece for a call over `up_to` that is faster screened in pieces of `up_to` rows
+        than whole through the full layer (by `seconds`: on the 2-core AVX2 machine a call of 9 to
+        16 rows is), else None."""
+        if not self.kept or self.covers(rows) or len(self.sizes) < 2:
+            return None
+        whole, rest = divmod(rows, self.up_to)
+        screened = whole * self.seconds(self.up_to, screen=True) + (self.seconds(rest, screen=True) if rest else 0.0)
+        return self.up_to if screened < self.seconds(rows, screen=False) else None
+
 
 class Decoder:
     """The prefill → merge → decode loop over one model. Stateless between calls, but for the
@@ -222,12 +242,17 @@ class Decoder:
         """The greedy token per row: through the head's screen where it applies (worker/model/head_screen.py),
         rows it cannot vouch for through the full output layer (`best_blocked`). The screen is built
         once the full layer has taken `SCREEN_AFTER_S` in greedy rows, and kept only if it beats the
-        full layer on that step's rows (`try_screen`)."""
+        full layer on that step's rows (`try_screen`); a call over the rows it won at is screened in
+        pieces where that is faster by the trial's times (`ScreenTrial.pieces`), else scored in full."""
         screen = self.screen
         if screen is None and self.screen_wanted and self.screen_trial is None and self.full_layer_s >= SCREEN_AFTER_S:
             return self.try_screen(hidden)
         if screen is not None and (self.screen_trial is None or self.screen_trial.covers(hidden.shape[0])):
             return self._screened(screen, hidden)
+        piece = self.screen_trial.pieces(hidden.shape[0]) if screen is not None else None
+        if piece is not None:
+            return [token for start in range(0, hidden.shape[0], piece)
+                    for token in self._screened(screen, hidden[start: start + piece])]
         started = time.monotonic()
         out = self._full(hidden)
         if screen is None and self.screen_wanted:

@@ -8,6 +8,7 @@ times slower than fp32 on a CPU without bf16 units, and the arithmetic does not 
 vocabulary's size."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -357,21 +358,48 @@ def test_a_screen_that_wins_only_for_few_rows_answers_only_calls_that_few(loaded
     monkeypatch.setattr(decode, "SCREEN_AFTER_S", 0.0)
     decoder = engine.decoder
     # When its first greedy row goes through the trial
-    hidden = states[:12].contiguous()
+    hidden = states[:20].contiguous()
     assert decoder.best(hidden[:1]) == full_best(decoder, hidden[:1])
     # Then the screen won at 1 and 8 rows and lost at 32, and is kept for calls of up to 8 rows
     trial = decoder.screen_trial
     assert [(size, s < f) for size, s, f in trial.sizes] == [(1, True), (8, True), (32, False)]
     assert trial.kept and trial.up_to == 8 and decoder.screen is not None
     # so a call of 8 rows is screened (or sent row by row to the full layer where the margin says
-    # so), a call of 12 goes whole to the full layer (counted as not offered to the screen), and
-    # each gets the full layer's tokens
+    # so), and each call gets the full layer's tokens
     counted, full = decoder.screened_rows + decoder.unsure_rows, decoder.full_rows
     assert decoder.best(hidden[:8]) == full_best(decoder, hidden[:8])
     assert decoder.screened_rows + decoder.unsure_rows == counted + 8 and decoder.screened_rows > 0
     assert decoder.full_rows == full
-    assert decoder.best(hidden) == full_best(decoder, hidden)
-    assert decoder.screened_rows + decoder.unsure_rows == counted + 8 and decoder.full_rows == full + 12
+    # With the trial's times set to the sleeps alone (on a busy machine the real work blurs them):
+    # a call of 12 is screened in pieces of 8 and 4 (about 180 ms against 200 ms whole), a call of
+    # 20 goes whole to the full layer (8 + 8 + 4 would take about 300 ms; counted as not offered to
+    # the screen)
+    trial = decoder.screen_trial = dataclasses.replace(trial, sizes=[(1, 0.015, 0.2), (8, 0.12, 0.2),
+                                                                      (32, 0.48, 0.2)])
+    assert trial.pieces(12) == 8 and trial.pieces(20) is None
+    assert decoder.best(hidden[:12]) == full_best(decoder, hidden[:12])
+    assert decoder.screened_rows + decoder.unsure_rows == counted + 20 and decoder.full_rows == full
+    assert decoder.best(hidden[:20]) == full_best(decoder, hidden[:20])
+    assert decoder.screened_rows + decoder.unsure_rows == counted + 20 and decoder.full_rows == full + 20
+
+
+def test_a_trial_says_which_larger_calls_pay_screened_in_pieces() -> None:
+    # Given the int4 screen's trial on the 2-core AVX2 machine (docs/PERFORMANCE.md): 1, 8 and 32
+    # rows in 15.1 / 62.6 / 219.4 ms screened against 46.6 / 125.5 / 159.1 ms in full
+    from worker.decode import ScreenTrial
+    trial = ScreenTrial(rows=32, screen_s=0.2194, full_s=0.1591, kept=True, up_to=8,
+                        sizes=[(1, 0.0151, 0.0466), (8, 0.0626, 0.1255), (32, 0.2194, 0.1591)])
+    # Then times between and beyond the sizes are read off the lines through them
+    assert trial.seconds(8, screen=True) == pytest.approx(0.0626)
+    assert trial.seconds(20, screen=False) == pytest.approx((0.1255 + 0.1591) / 2)
+    assert trial.seconds(40, screen=False) == pytest.approx(0.1591 + 8 * (0.1591 - 0.1255) / 24)
+    # and a call of 9 to 16 rows is screened in pieces of 8 (10 rows: 62.6 + 21.9 ms against 128.3 ms),
+    # while from 17 rows on the full layer is faster, as is every call a screen answers whole
+    assert [n for n in range(1, 65) if trial.pieces(n)] == list(range(9, 17))
+    assert all(trial.pieces(n) in (None, 8) for n in range(1, 65))
+    # A dropped screen, or one kept for every call, is never split
+    assert ScreenTrial(rows=32, screen_s=0.3, full_s=0.1, kept=False, sizes=trial.sizes).pieces(10) is None
+    assert ScreenTrial(rows=32, screen_s=0.1, full_s=0.3, kept=True, sizes=trial.sizes).pieces(40) is None
 
 
 def test_the_cli_turns_the_screen_on_unless_told_not_to(engine: Engine) -> None:
