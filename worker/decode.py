@@ -192,10 +192,10 @@ class Decoder:
         self.full_rows = 0  # rows not offered to a screen: none built (yet), dropped, off, or a call over its `up_to`
         self.full_layer_s = 0.0  # time greedy rows spent in the full layer before the screen was built
         self.screen_trial: ScreenTrial | None = None  # the build's timing of screen against full layer
-        # Greedy `generate` batches choose through `best_allowed` (`stashing`): a CPU fp32 layer
-        # without bias or soft-capping, whose greedy answer is a plain argmax of its rows' products.
-        self.pick_applies = (device.type == "cpu" and type(self.head) is torch.nn.Linear and self.head.bias is None
-                             and self.softcap is None and self.head.weight.dtype == torch.float32)
+        # Greedy `generate` batches choose through `best_allowed` (`stashing`) where a screen could
+        # stand in for the layer, whatever the setting: a CPU fp32 layer without bias or soft-capping,
+        # whose greedy answer is a plain argmax of its rows' products.
+        self.pick_applies = head_screen.applies(self.head, device=device, softcap=self.softcap)
         self.allowed_rows = 0  # greedy rows of `generate` batches scored on their permitted words alone
         self._stash: torch.Tensor | None = None
         log.info("greedy head: %s", f"bf16 or int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s "
