@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 # The fixed cost of one forward pass, in padded tokens' worth of work: what `plan_batches` weighs
 # against padding when it decides where one batch ends (measured by `python -m bench --sweep`).
 BATCH_OVERHEAD = 128
-# One decode step of a `generate` batch, in prompt tokens' worth of work: it reads every weight and
-# scores the whole vocabulary whatever its rows (on the 2-core CPU of docs/PERFORMANCE.md a step of
-# one row cost what prefilling 40 prompt tokens did, a step of eight rows 90), so a batch's fixed
-# cost grows with its new tokens.
+# One decode step of a `generate` batch, in prompt tokens' worth of work: it reads every weight
+# whatever its rows (on the 2-core CPU of docs/PERFORMANCE.md a step of one row cost what prefilling
+# 40 prompt tokens did, a step of eight rows 90, when every step scored the whole vocabulary), so a
+# batch's fixed cost grows with its new tokens.
 DECODE_STEP_TOKENS = 32
 
 
