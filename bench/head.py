@@ -1,4 +1,4 @@
-"""The greedy head alone: each screen this CPU can build (worker/model/head_screen.py: bf16, int4)
+"""The greedy head alone: each screen this CPU can build (worker/model/head_screen.py: bf16, int8, int4)
 against the full output layer in fp32 blocks (`Decoder.best_blocked`, what `--no-head-screen`
 runs), on real decode states, at several rows per call.
 
@@ -67,19 +67,23 @@ def measure(engine: Engine, *, n: int = 16, steps: int = 16, rows: tuple[int, ..
     decoder = engine.decoder
     states = decode_states(engine, n=n, steps=steps)
     result: dict[str, Any] = {"states": int(states.shape[0]), "rows": list(rows), "calls": calls, "rounds": rounds,
-                              "choose_kind": None, "bf16_speedup_probe": None, "screens": {}, "ms_per_call": {},
+                              "choose_kind": None, "bf16_speedup_probe": None, "int8_speedup_probe": None, "screens": {},
+                              "ms_per_call": {},
                               "linear_same_tokens": 0, "linear_calls": 0}
     if decoder is None or not head_screen.applies(decoder.head, device=decoder.device, softcap=decoder.softcap):
         result["skipped"] = "no screen applies to this output layer here"
         return result
     head = decoder.head
     result["bf16_speedup_probe"] = head_screen.bf16_speedup(head, table=decoder.table)
+    if head_screen.int8_applies():
+        result["int8_speedup_probe"] = head_screen.int8_speedup(head, table=decoder.table)
     result["choose_kind"] = head_screen.choose_kind(head, decoder.table)
-    kinds = ["bf16"] + (["int4"] if head_screen.int4_applies(head) else [])
+    kinds = (["bf16"] + (["int8"] if head_screen.int8_applies() else [])
+             + (["int4"] if head_screen.int4_applies(head) else []))
     screens = {}
     for kind in kinds:
         started = time.perf_counter()
-        screens[kind] = head_screen.build(head, kind)
+        screens[kind] = head_screen.build(head, kind, decoder.table)
         result["screens"][kind] = {"build_s": time.perf_counter() - started, "vouched": 0, "same_as_full": 0,
                                    "answered": 0}
     contenders: dict[str, Callable[[torch.Tensor], Any]] = {"full": decoder.best_blocked,
@@ -129,7 +133,8 @@ def render(r: dict[str, Any]) -> str:
         rows.append([size, ms["full"], ms["full, linear"], *[ms[k] for k in kinds], *[ms["full"] / ms[k] for k in kinds]])
         logits.append([size, ms["logits, table"], ms["logits, fp32 weight"], ms["logits, fp32 weight"] / ms["logits, table"]])
     lines = [f"\nGREEDY HEAD ({r['states']} real decode states; ms per call, mean of {r['rounds']} interleaved "
-             f"rounds; this CPU's decoder picks {r['choose_kind']}, bf16 probe {r['bf16_speedup_probe']:.2f}x fp32)",
+             f"rounds; this CPU's decoder picks {r['choose_kind']}, bf16 probe {r['bf16_speedup_probe']:.2f}x fp32"
+             + (f", int8 probe {r['int8_speedup_probe']:.2f}x" if r.get("int8_speedup_probe") else "") + ")",
              table(["rows", "full layer fp32", "same, linear(h, W)", *[f"{k} screen" for k in kinds],
                     *[f"{k} is" for k in kinds]], rows),
              f"full layer both ways round: the same tokens in {r['linear_same_tokens']} of {r['linear_calls']} calls",

@@ -186,7 +186,7 @@ class Decoder:
         self._pass_cache_position = "cache_position" in params
         self.vocab_block = VOCAB_BLOCK if device.type == "cpu" else int(self.config.vocab_size)
         self.screen_wanted = screen and head_screen.applies(self.head, device=device, softcap=self.softcap)
-        self._screen: head_screen.HeadScreen | head_screen.Bf16Screen | None = None
+        self._screen: head_screen.Screen | None = None
         self.screened_rows = 0  # greedy rows the screen answered
         self.unsure_rows = 0  # rows the screen was asked about whose margin check sent them to the full fp32 layer
         self.full_rows = 0  # rows not offered to a screen: none built (yet), dropped, off, or a call over its `up_to`
@@ -198,7 +198,7 @@ class Decoder:
         self.pick_applies = head_screen.applies(self.head, device=device, softcap=self.softcap)
         self.allowed_rows = 0  # greedy rows of `generate` batches scored on their permitted words alone
         self._stash: torch.Tensor | None = None
-        log.info("greedy head: %s", f"bf16 or int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s "
+        log.info("greedy head: %s", f"bf16, int8 or int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s "
                  "and kept if faster" if self.screen_wanted else "full output layer")
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
@@ -218,14 +218,15 @@ class Decoder:
         return logits
 
     @property
-    def screen(self) -> head_screen.HeadScreen | head_screen.Bf16Screen | None:
+    def screen(self) -> head_screen.Screen | None:
         """The greedy head's screen if it is built and turned on (`screen_wanted`), else None."""
         return self._screen if self.screen_wanted else None
 
-    def ensure_screen(self, kind: str | None = None) -> head_screen.HeadScreen | head_screen.Bf16Screen | None:
+    def ensure_screen(self, kind: str | None = None) -> head_screen.Screen | None:
         """Build the screen now if it applies and is turned on: of `kind`, or the kind this CPU runs
         faster (`head_screen.choose_kind`: bf16 where it has bf16 units, 335 MB and about 0.1 s on 2
-        cores; else int4, 105 MB and about 1.5 s). None where neither applies."""
+        cores; int8 where fbgemm's kernel is faster still, 168 MB and about 3 s; else int4, 105 MB and
+        about 1.5 s). None where neither applies."""
         if self.screen_wanted and self._screen is None:
             started = time.monotonic()
             kind = kind or head_screen.choose_kind(self.head, self.table)
@@ -363,7 +364,7 @@ class Decoder:
             self._screen = None  # its memory goes back
         return self.best(hidden)
 
-    def _screened(self, screen: head_screen.HeadScreen | head_screen.Bf16Screen, hidden: torch.Tensor) -> list[int]:
+    def _screened(self, screen: head_screen.Screen, hidden: torch.Tensor) -> list[int]:
         ids, sure = screen.best(hidden)
         unsure = (~sure).nonzero().squeeze(1)
         self.screened_rows += hidden.shape[0] - unsure.numel()

@@ -149,7 +149,7 @@ class HeadScreenCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("gemma_greedy_head_rows", "Greedy decode rows by how the output layer picked "
-                                     "their token: 'screened' (bf16 or int4 screen, fp32 re-score), 'unsure' (every word "
+                                     "their token: 'screened' (bf16, int8 or int4 screen, fp32 re-score), 'unsure' (every word "
                                      "in fp32, the screen unsure of the row), 'full' (every word in fp32, no screen "
                                      "asked: none built yet, dropped by its trial, turned off, or more rows in the call "
                                      "than it wins at) or 'permitted' (a constrained row whose grammar permitted few "

@@ -38,7 +38,7 @@ class Settings:
     quantize: str | None = None  # "int8" or "int4": lossy; see worker/model/loader.quantize
     result_cache: bool = True  # answer identical greedy or seeded tasks from the results store's _cache/
     compile: bool = False  # torch.compile the embedding forward pass; see engine.Engine.compile_embedding
-    head_screen: bool = True  # greedy head through a bf16 or int4 screen on CPU; see worker/model/head_screen.py
+    head_screen: bool = True  # greedy head through a bf16, int8 or int4 screen on CPU; see worker/model/head_screen.py
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, "int8", "int4"):

@@ -160,16 +160,17 @@ def test_the_head_section_times_each_screen_against_the_full_layer_on_real_decod
     got = measure(engine, n=3, steps=4, rows=(1, 4), calls=2, rounds=1)
     # Then it captured one state per greedy row the decoder asked for, and left the decoder as it was
     assert got["states"] == 3 * 4 and "best" not in vars(engine.decoder)
-    # and timed the full layer and both screens (this CPU has the int4 kernel) at each size
+    # and timed the full layer and every screen (this CPU has the int4 kernel and fbgemm's int8) at each size
     assert set(got["ms_per_call"]) == {"1", "4"}
-    assert all(set(ms) == {"full", "full, linear", "bf16", "int4", "logits, table", "logits, fp32 weight"}
+    assert all(set(ms) == {"full", "full, linear", "bf16", "int8", "int4", "logits, table", "logits, fp32 weight"}
                and min(ms.values()) > 0 for ms in got["ms_per_call"].values())
     # and every row a screen vouched for got the full layer's token: 2 calls of 1 row and 2 of 4
-    for kind in ("bf16", "int4"):
+    for kind in ("bf16", "int8", "int4"):
         record = got["screens"][kind]
         assert record["answered"] == 10 and record["same_as_full"] == record["vouched"] >= 8
     text = render(got)
-    assert got["choose_kind"] in ("bf16", "int4") and "bf16 is" in text and "int4 screen: built in" in text
+    assert got["choose_kind"] in ("bf16", "int8", "int4") and "bf16 is" in text and "int8 screen: built in" in text
+    assert got["int8_speedup_probe"] > 0 and "int8 probe" in text
     assert "FULL LOGITS" in text and got["linear_same_tokens"] == got["linear_calls"] == 4
 
 

@@ -1,10 +1,11 @@
 """The greedy output layer on CPU through a cheaper screen, answering what the fp32 layer answers.
 
-Two screens, one per kind of CPU (`choose_kind` times which applies): a bf16 copy of the layer
+Three screens (`choose_kind` times which kernel runs fastest here): a bf16 copy of the layer
 (`Bf16Screen`) where the CPU multiplies bf16 faster than fp32 (AMX or AVX-512 bf16 units), with a
-worst-case bound; else a 4-bit copy (`HeadScreen`), with a statistical margin. Both re-score their
-candidates in fp32 from the layer's own weights and hand rows they cannot vouch for to the full
-layer.
+worst-case bound; an int8 copy run by fbgemm's int8 kernel (`Int8Screen`, the kernel behind
+`--quantize int8`), with a statistical margin; else a 4-bit copy (`HeadScreen`), with a statistical
+margin. Each re-scores its candidates in fp32 from the layer's own weights and hands rows it cannot
+vouch for to the full layer.
 
 The int4 screen:
 
@@ -44,13 +45,32 @@ score of the screen's best word, itself a candidate: the fp32 best of the candid
 layer's answer, with no statistics involved. A row with more than `MAX_CANDIDATES` candidates
 (a flat distribution) goes to the full layer.
 
-`Settings.head_screen` (`--no-head-screen`) turns both off; they are used only where they apply: a
+The int8 screen holds each word as int8 codes with one scale per word (fbgemm's per-channel
+layout; the word table's own codes have a scale per 32 values, so the codes are made again) and
+scores every word with `quantized::linear_dynamic`, which quantizes its input to 7-bit codes over
+the call's range (one scale for all rows), multiplies in integers and hands back fp32. Each row is
+first divided by its largest value, so every row's input codes span the range. A word's error has
+two parts: the hidden state times the word's quantization residual, and the input's rounding
+(uniform within half a step, each value on its own) times the word's codes. Sized as for int4,
+each as if it pointed in no particular direction, with the largest residual and the largest word
+norm of the layer, a row's unit is
+
+    sqrt((||hidden|| * max ||w_int8 - w|| / sqrt(hidden size))^2 + (step * max |hidden| * max ||w_int8|| / sqrt(12))^2)
+
+and `E` is SIGMAS such units. Candidates are the words within 2E of the row's best screen score, as
+for bf16, and the row is sure when the best candidate's fp32 score beats every other word's screen
+score plus E (as for int4, a margin, not a worst case; over 1,024 real decode states of the bench's
+prompts x 262,144 words the largest error was 5.1 units, docs/PERFORMANCE.md).
+
+`Settings.head_screen` (`--no-head-screen`) turns them off; they are used only where they apply: a
 CPU `nn.Linear` fp32 head without bias or logit soft-capping (int4 also needs the kernel and its
-shapes)."""
+shapes, int8 fbgemm's engine)."""
 from __future__ import annotations
 
 import math
 import time
+import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,7 +79,7 @@ from worker.model import int4
 from worker.model.table import rows_of
 
 if TYPE_CHECKING:
-    from worker.model.table import Int8Table
+    from worker.model.table import Int8Table, WeightRows
 
 CANDIDATES = 256  # words re-scored in fp32 per row (int4)
 SIGMAS = 8.0
@@ -67,11 +87,14 @@ ROUNDING = 2.0 ** -8
 
 BF16_OUTPUT = 2.0 ** -7  # the bf16 output's rounding, with room (2^-8 relative, of the exact value)
 BF16_PRODUCTS = 2.0 ** -7 + 2.0 ** -12  # operand rounding and fp32 accumulation, per ||w|| ||x||
-MAX_CANDIDATES = 4096  # more in a row and the full layer scores it
+MAX_CANDIDATES = 4096  # more in a row and the full layer scores it (bf16, int8)
 BF16_BLOCK = 16384  # words per block of bf16 screen scores (rows x block stays in cache)
-# Prefer the bf16 screen only where bf16 `linear` beats fp32 by this much on a slice of the layer
-# (`choose_kind`): without bf16 units (AVX2) it is about 100 times slower, with AMX 3-10 times faster.
-BF16_FASTER = 1.5
+INT8_BLOCK = 16384  # words per packed block of the int8 screen
+INT8_LEVELS = 127  # steps of the int8 kernel's input codes over the call's range (fbgemm's reduce_range: 0..127)
+# Prefer the bf16 or int8 screen only where its kernel beats fp32 `linear` by this much on a slice
+# of the layer (`choose_kind`): bf16 without bf16 units (AVX2) is about 100 times slower, with AMX
+# 3-10 times faster; fbgemm's int8 ran 2.8-10x faster than fp32 on a 2-core AVX-512 AMD EPYC.
+FASTER = 1.5
 PROBE_WORDS, PROBE_ROWS = 4096, 32
 
 
@@ -87,45 +110,83 @@ def int4_applies(head: torch.nn.Linear) -> bool:
             and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
 
 
-def bf16_speedup(head: torch.nn.Linear, *, rounds: int = 3, table: Int8Table | None = None) -> float:
-    """fp32 `linear` time over bf16 `linear` time on `PROBE_WORDS` of the layer's words (read from
-    `table` where there is one, so the fp32 weight's pages stay where they are) and
-    `PROBE_ROWS` rows, best of `rounds` each, alternating; a CPU on which a timed round's bf16 is
-    four times slower is settled there (8-14 ms in all on an AVX-512/AMX machine; about 20 ms
-    there with oneDNN held to AVX2, `ONEDNN_MAX_CPU_ISA=AVX2`, where bf16 ran 5-7 times slower)."""
+def int8_applies() -> bool:
+    """Whether fbgemm's int8 kernel runs here (the quantized engine of x86 builds of PyTorch, whose
+    input codes `INT8_LEVELS` describes)."""
+    return (torch.backends.quantized.engine in ("x86", "fbgemm")
+            and hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch.ops.quantized, "linear_prepack"))
+
+
+def int8_pack(rows: torch.Tensor) -> tuple[object, torch.Tensor]:
+    """(fbgemm's packed int8 copy of these fp32 rows, one scale per row from its largest value;
+    the copy's values in fp32)."""
+    scales = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny).div_(127).double()
+    with warnings.catch_warnings():  # fbgemm's layers take these tensors (deprecated, not yet replaced)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
+        codes = torch.quantize_per_channel(rows, scales, torch.zeros(rows.shape[0], dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(codes, None), codes.dequantize()
+
+
+def _speedup(head: torch.nn.Linear, table: Int8Table | None, rounds: int, make: Callable) -> float:
+    """fp32 `linear` time over a cheaper kernel's (`make(weight)` gives it, a function of the rows)
+    on `PROBE_WORDS` of the layer's words (read from `table` where there is one, so the fp32
+    weight's pages stay where they are) and `PROBE_ROWS` rows, best of `rounds` each,
+    alternating; a kernel four times slower in a timed round is settled there."""
     weight = rows_of(head, table).block(0, PROBE_WORDS).detach()
-    low = weight.to(torch.bfloat16)
+    cheaper = make(weight)
     rows = torch.randn(PROBE_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0))
-    fp32_s, bf16_s = [], []
+    fp32_s, cheap_s = [], []
     with torch.inference_mode():
         for _ in range(rounds + 1):  # the first round warms both kernels
             started = time.perf_counter()
             torch.nn.functional.linear(rows, weight)
             fp32_s.append(time.perf_counter() - started)
             started = time.perf_counter()
-            torch.nn.functional.linear(rows.to(torch.bfloat16), low)
-            bf16_s.append(time.perf_counter() - started)
-            if len(bf16_s) > 1 and bf16_s[-1] > 4 * fp32_s[-1]:
+            cheaper(rows)
+            cheap_s.append(time.perf_counter() - started)
+            if len(cheap_s) > 1 and cheap_s[-1] > 4 * fp32_s[-1]:
                 break  # far slower: no need for the best of `rounds`
-    return min(fp32_s[1:]) / max(min(bf16_s[1:]), 1e-9)
+    return min(fp32_s[1:]) / max(min(cheap_s[1:]), 1e-9)
+
+
+def bf16_speedup(head: torch.nn.Linear, *, rounds: int = 3, table: Int8Table | None = None) -> float:
+    """fp32 over bf16 `linear` on a slice of the layer (`_speedup`; 8-14 ms in all on an
+    AVX-512/AMX machine; about 20 ms there with oneDNN held to AVX2, `ONEDNN_MAX_CPU_ISA=AVX2`,
+    where bf16 ran 5-7 times slower)."""
+    def make(weight: torch.Tensor) -> Callable:
+        low = weight.to(torch.bfloat16)
+        return lambda rows: torch.nn.functional.linear(rows.to(torch.bfloat16), low)
+    return _speedup(head, table, rounds, make)
+
+
+def int8_speedup(head: torch.nn.Linear, *, rounds: int = 3, table: Int8Table | None = None) -> float:
+    """fp32 `linear` over fbgemm's int8 kernel on a slice of the layer (`_speedup`)."""
+    def make(weight: torch.Tensor) -> Callable:
+        packed, _ = int8_pack(weight)
+        return lambda rows: torch.ops.quantized.linear_dynamic(rows, packed, True)
+    return _speedup(head, table, rounds, make)
 
 
 def choose_kind(head: torch.nn.Linear, table: Int8Table | None = None) -> str | None:
-    """The screen for this CPU: "bf16" where bf16 `linear` is at least `BF16_FASTER` times faster
-    than fp32 on a slice of the layer, else "int4" where its kernel applies, else None."""
-    if bf16_speedup(head, table=table) >= BF16_FASTER:
-        return "bf16"
+    """The screen for this CPU: of bf16 and int8 (where fbgemm runs), the one whose kernel beats
+    fp32 `linear` by most on a slice of the layer, if by at least `FASTER`; else "int4" where its
+    kernel applies, else None."""
+    speedups = {"bf16": bf16_speedup(head, table=table)}
+    if int8_applies():
+        speedups["int8"] = int8_speedup(head, table=table)
+    kind = max(speedups, key=speedups.__getitem__)
+    if speedups[kind] >= FASTER:
+        return kind
     return "int4" if int4_applies(head) else None
 
 
-def build(head: torch.nn.Linear, kind: str, table: Int8Table | None = None) -> HeadScreen | Bf16Screen:
+def build(head: torch.nn.Linear, kind: str, table: Int8Table | None = None) -> Screen:
     """The screen of that kind (`choose_kind`) over this output layer (its fp32 rows read from
     `table` where the word table is held as int8 blocks, `worker/model/table.py`)."""
-    if kind == "bf16":
-        return Bf16Screen(head, table)
-    if kind == "int4":
-        return HeadScreen(head, table)
-    raise ValueError(f"no head screen of kind {kind!r}")
+    screens = {"bf16": Bf16Screen, "int8": Int8Screen, "int4": HeadScreen}
+    if kind not in screens:
+        raise ValueError(f"no head screen of kind {kind!r}")
+    return screens[kind](head, table)
 
 
 class HeadScreen:
@@ -225,23 +286,98 @@ class Bf16Screen:
         top = high_t.max(dim=1).values
         largest = torch.maximum(high_t.abs().max(dim=1).values, low_t.abs().max(dim=1).values)
         threshold = top - 2 * self.bound(hidden, largest)
-        reach = high_t >= threshold[:, None]  # (row, block) pairs that hold candidates
-        found_rows, found_words = [], []
-        for b in reach.any(dim=0).nonzero().flatten().tolist():
-            picked = reach[:, b].nonzero().flatten()
-            row, word = (blocks[b][picked].float() >= threshold[picked, None]).nonzero().unbind(1)
-            found_rows.append(picked[row])
-            found_words.append(word + b * BF16_BLOCK)
-        if not found_rows:  # no finite scores anywhere: the full layer decides
-            return torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.bool)
-        row, word = torch.cat(found_rows), torch.cat(found_words)
-        count = torch.bincount(row, minlength=rows)
-        sure = (count > 0) & (count <= MAX_CANDIDATES)  # a row with none (not finite) is not vouched for
-        kept = sure[row]
-        row, word = row[kept], word[kept]
-        exact = (self.source.rows(word) * hidden[row]).sum(dim=1)
-        best_score = torch.full((rows,), float("-inf"), dtype=exact.dtype).scatter_reduce(0, row, exact, "amax")
-        none = torch.iinfo(torch.long).max
-        ids = torch.full((rows,), none, dtype=torch.long).scatter_reduce(
-            0, row, torch.where(exact == best_score[row], word, none), "amin")
-        return torch.where(sure, ids, 0), sure
+        return pick(self.source, hidden, blocks, high_t, threshold, block_words=BF16_BLOCK)[:2]
+
+
+class Int8Screen:
+    """An int8 copy of one output layer in fbgemm's packed blocks and the fp32 re-scoring of the
+    words its margin cannot rule out (module docstring)."""
+
+    kind = "int8"
+
+    def __init__(self, head: torch.nn.Linear, table: Int8Table | None = None) -> None:
+        # the layer's own fp32 rows (shared, not copied)
+        self.source = rows_of(head, table)
+        words, self.width = self.source.shape
+        self.packed = []
+        residual, norm = 0.0, 0.0
+        with torch.no_grad():
+            for start in range(0, words, INT8_BLOCK):
+                rows = self.source.block(start, start + INT8_BLOCK)
+                packed, values = int8_pack(rows)
+                self.packed.append(packed)
+                residual = max(residual, float(torch.linalg.vector_norm(values - rows, dim=1).max()))
+                norm = max(norm, float(torch.linalg.vector_norm(values, dim=1).max()))
+        self.largest_residual, self.largest_norm = residual, norm
+
+    @staticmethod
+    def scaled(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the rows as the kernel takes them: each divided by its largest |value|, a row that is not
+        finite as zeros; that largest value per row)."""
+        finite = torch.isfinite(hidden).all(dim=1, keepdim=True)
+        peak = torch.where(finite, hidden.abs().amax(dim=1, keepdim=True), 0.0).clamp_min(torch.finfo(torch.float32).tiny)
+        return torch.where(finite, hidden / peak, 0.0), peak.squeeze(1)
+
+    def blocks(self, scaled: torch.Tensor) -> list[torch.Tensor]:
+        """Every word's screen score per block, for the scaled rows (`scaled`)."""
+        return [torch.ops.quantized.linear_dynamic(scaled, packed, True) for packed in self.packed]
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every word's screen score, all at once."""
+        scaled, peak = self.scaled(hidden)
+        return torch.cat(self.blocks(scaled), dim=1) * peak[:, None]
+
+    def bound(self, hidden: torch.Tensor, scaled: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+        """Per row, `E`: SIGMAS units of a word's error (module docstring), for a call of these rows."""
+        step = (max(float(scaled.max()), 0.0) - min(float(scaled.min()), 0.0)) / INT8_LEVELS  # the call's input step
+        weights = torch.linalg.vector_norm(hidden, dim=1) * self.largest_residual / math.sqrt(self.width)
+        inputs = step * peak * self.largest_norm / math.sqrt(12)
+        return SIGMAS * torch.sqrt(weights ** 2 + inputs ** 2)
+
+    def best(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the best candidate per row by fp32 score, ties to the lowest id; whether the row is sure:
+        finite, at most `MAX_CANDIDATES` candidates, and the best of them beats every other word's
+        screen score by more than the margin)."""
+        scaled, peak = self.scaled(hidden)
+        blocks = self.blocks(scaled)
+        highs = torch.stack([block.amax(dim=1) for block in blocks], dim=1)
+        top = highs.max(dim=1).values
+        margin = self.bound(hidden, scaled, peak) / peak  # in the blocks' units
+        ids, sure, best_score = pick(self.source, hidden, blocks, highs, top - 2 * margin, block_words=INT8_BLOCK)
+        # every word outside the candidates scores below top - 2 margin on the screen, so below
+        # top - margin in fp32 by the margin's measure: the best candidate must beat that
+        sure &= (best_score > (top - margin) * peak) & torch.isfinite(hidden).all(dim=1)
+        return ids, sure
+
+
+Screen = HeadScreen | Bf16Screen | Int8Screen
+
+
+def pick(source: Int8Table | WeightRows, hidden: torch.Tensor, blocks: list[torch.Tensor], highs: torch.Tensor,
+         threshold: torch.Tensor, *, block_words: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bf16 and int8 screens' search: the words whose screen score reaches the row's
+    `threshold` (in the blocks' units; `highs`: each block's highest score per row, so only blocks
+    that reach it are searched) are re-scored in fp32. Returns (the best of them per row, ties to the
+    lowest id; whether the row had 1 to `MAX_CANDIDATES` of them; its fp32 score, -inf if not)."""
+    rows = hidden.shape[0]
+    reach = highs >= threshold[:, None]  # (row, block) pairs that hold candidates
+    found_rows, found_words = [], []
+    for b in reach.any(dim=0).nonzero().flatten().tolist():
+        picked = reach[:, b].nonzero().flatten()
+        row, word = (blocks[b][picked].float() >= threshold[picked, None]).nonzero().unbind(1)
+        found_rows.append(picked[row])
+        found_words.append(word + b * block_words)
+    if not found_rows:  # no finite scores anywhere: the full layer decides
+        return (torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.bool),
+                torch.full((rows,), float("-inf")))
+    row, word = torch.cat(found_rows), torch.cat(found_words)
+    count = torch.bincount(row, minlength=rows)
+    sure = (count > 0) & (count <= MAX_CANDIDATES)  # a row with none (not finite) is not vouched for
+    kept = sure[row]
+    row, word = row[kept], word[kept]
+    exact = (source.rows(word) * hidden[row]).sum(dim=1)
+    best_score = torch.full((rows,), float("-inf"), dtype=exact.dtype).scatter_reduce(0, row, exact, "amax")
+    none = torch.iinfo(torch.long).max
+    ids = torch.full((rows,), none, dtype=torch.long).scatter_reduce(
+        0, row, torch.where(exact == best_score[row], word, none), "amin")
+    return torch.where(sure, ids, 0), sure, best_score

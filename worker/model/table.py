@@ -83,7 +83,7 @@ class Int8Table:
 
     def _decode(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         values = codes.to(torch.float32) if out is None else out[: codes.shape[0]].copy_(codes)
-        values.view(*codes.shape[:-1], -1, BLOCK).mul_(scales.unsqueeze(-1))  # scaled in place
+        values.view(*codes.shape[:-1], codes.shape[-1] // BLOCK, BLOCK).mul_(scales.unsqueeze(-1))  # scaled in place
         return values
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:

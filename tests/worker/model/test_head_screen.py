@@ -1,6 +1,6 @@
 """The greedy head's screens (worker/model/head_screen.py) on the real model: the tokens they pick
 are the full fp32 output layer's, their errors on real hidden states stay inside the margin they
-check, rows without a clear winner go to the full layer, each CPU gets the kind it runs faster, and
+check, rows without a clear winner go to the full layer, each CPU gets the kind it runs fastest, and
 a screen is built only where and when it is wanted.
 
 The bf16 screen's own checks run on the layer's first `SLICE` words: bf16 `linear` is about 100
@@ -22,9 +22,10 @@ from tests.conftest import REPO, run_cli
 from worker.decode import Decoder
 from worker.engine import Engine, Tokenized
 from worker.model import head_screen
-from worker.model.head_screen import Bf16Screen, HeadScreen
+from worker.model.head_screen import Bf16Screen, HeadScreen, Int8Screen
 
 SLICE = 16384
+SCREENS = {"int4": HeadScreen, "bf16": Bf16Screen, "int8": Int8Screen}
 INSTRUCTION = "<start_of_turn>user\nSummarise this documentation:\n\n{}<end_of_turn>\n<start_of_turn>model\n"
 
 
@@ -192,40 +193,153 @@ def test_the_bf16_screen_sends_flat_rows_to_the_full_layer_and_breaks_ties_low(s
             weight[b], screen.low[b] = saved, saved_low
 
 
-@pytest.mark.parametrize("speedup, int4_fits, kind", [(3.0, True, "bf16"), (0.01, True, "int4"), (0.01, False, None)])
-def test_each_cpu_gets_the_screen_it_runs_faster(engine: Engine, speedup: float, int4_fits: bool, kind: str | None,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module")
+def int8_screen(engine: Engine) -> Int8Screen:
+    """The int8 screen over the whole output layer, its fp32 rows read from the word table."""
+    assert engine.decoder.table is not None
+    return Int8Screen(engine.decoder.head, engine.decoder.table)
+
+
+def test_the_int8_screens_errors_on_real_states_stay_inside_its_margin(int8_screen: Int8Screen, engine: Engine,
+                                                                       states: torch.Tensor) -> None:
+    # Given real decode states and the int8 screen built from the model's output layer
+    screen = int8_screen
+    weight = engine.decoder.head.weight
+    with torch.inference_mode():
+        for chunk in states.split(32):
+            # When every word is scored by the screen and in fp32
+            errors = (screen.scores(chunk) - chunk @ weight.T).abs()
+            unit = screen.bound(chunk, *screen.scaled(chunk)) / head_screen.SIGMAS
+            # Then no word's error reaches the margin, SIGMAS units
+            assert bool((errors < head_screen.SIGMAS * unit[:, None]).all())
+            # yet the screen is no copy of the fp32 layer: errors reach a sizeable part of one unit
+            assert float((errors / unit[:, None]).max()) > 1.0
+    # and the unit is built from the int8 copy's largest residual and word norm, both measured
+    norms = torch.linalg.vector_norm(weight.detach(), dim=1)
+    assert 0 < screen.largest_residual < 0.1 * float(norms.mean())
+    assert screen.largest_norm == pytest.approx(float(norms.max()), rel=0.01)
+
+
+def test_the_int8_screens_margin_covers_the_rounding_of_its_input(sliced_head: torch.nn.Linear,
+                                                                   states: torch.Tensor) -> None:
+    # Given an output layer of the first words whose values int8 holds exactly (each word already
+    # int8 codes times one scale), so that the screen's only error is its input's rounding
+    _, values = head_screen.int8_pack(sliced_head.weight.detach())
+    head = torch.nn.Linear(values.shape[1], values.shape[0], bias=False)
+    head.weight = torch.nn.Parameter(values, requires_grad=False)
+    screen = Int8Screen(head)
+    assert screen.largest_residual == 0.0
+    with torch.inference_mode():
+        for chunk in states.split(32):
+            # When every word is scored by the screen and in fp32
+            errors = (screen.scores(chunk) - chunk @ values.T).abs()
+            unit = screen.bound(chunk, *screen.scaled(chunk)) / head_screen.SIGMAS
+            # Then the errors, from the input's rounding alone, stay inside the margin and fill a
+            # sizeable part of one unit
+            assert bool((errors < head_screen.SIGMAS * unit[:, None]).all())
+            assert float((errors / unit[:, None]).max()) > 1.0
+
+
+def test_the_int8_screen_gives_every_sure_state_the_full_layers_token(int8_screen: Int8Screen, engine: Engine,
+                                                                       states: torch.Tensor) -> None:
+    # Given real decode states / When the greedy token is taken through the int8 screen and from all logits
+    with torch.inference_mode():
+        ids, sure = int8_screen.best(states)
+        full = engine.decoder.logits(states).argmax(dim=-1)
+    # Then every row it is sure of has the full layer's token, and it is sure of most
+    assert torch.equal(ids[sure], full[sure]) and int(sure.sum()) >= 0.9 * len(states)
+
+
+def test_the_int8_screen_in_the_decoder_gives_the_full_layers_tokens(int8_screen: Int8Screen, engine: Engine,
+                                                                      docstrings: list[str]) -> None:
+    # Given 12 real prompts and the decoder's greedy head answered by the int8 screen on every call
+    items = _items(engine, docstrings, 40)[:12]
+    decoder: Decoder = engine.decoder
+    saved = decoder._screen, decoder.screen_trial, decoder.screened_rows
+    decoder._screen, decoder.screen_trial = int8_screen, None
+    try:
+        # When generated greedily through it, and with every word scored in fp32
+        screened = engine.generate_tokenized(items, max_new_tokens=24)
+        answered = decoder.screened_rows - saved[2]
+        decoder.screen_wanted = False
+        full = engine.generate_tokenized(items, max_new_tokens=24)
+    finally:
+        decoder.screen_wanted = True
+        decoder._screen, decoder.screen_trial = saved[:2]
+    # Then the screen answered most rows, and every output is the same, token for token
+    assert answered > 12 * 12
+    assert [g.token_ids for g in screened] == [g.token_ids for g in full]
+
+
+def test_the_int8_screen_sends_flat_rows_to_the_full_layer_and_breaks_ties_low(int8_screen: Int8Screen,
+                                                                                sliced_head: torch.nn.Linear) -> None:
+    with torch.inference_mode():
+        # Given the int8 screen over the word table / When asked for rows that score every word the
+        # same (zero): Then it is sure of none (every word is a candidate; none is re-scored)
+        assert int8_screen.best(torch.zeros(3, sliced_head.in_features))[1].tolist() == [False] * 3
+        # Given an int8 screen over the output layer's first words, two of which are the same word
+        weight = sliced_head.weight.detach().clone()
+        a, b = 5, 900
+        weight[b] = weight[a]
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        screen = Int8Screen(head)
+        # When asked for a row that prefers those two words: Then it is sure, and the lower id wins
+        probe = (weight[a] / weight[a].norm() ** 2).unsqueeze(0)
+        ids, sure = screen.best(probe)
+        assert bool(sure[0]) and int(ids[0]) == a == int((probe @ weight.T).argmax())
+        # and a row with no finite value is not vouched for, alone or beside a clear one (whose
+        # answer it does not disturb)
+        nan = torch.full_like(probe, float("nan"))
+        assert not bool(screen.best(nan)[1][0])
+        ids, sure = screen.best(torch.cat([nan, probe]))
+        assert sure.tolist() == [False, True] and int(ids[1]) == a
+
+
+@pytest.mark.parametrize("bf16, int8, int4_fits, kind", [
+    (3.0, 5.0, True, "int8"), (3.0, 2.0, True, "bf16"), (3.0, None, True, "bf16"), (0.01, 2.0, True, "int8"),
+    (0.01, 1.2, True, "int4"), (0.01, None, True, "int4"), (0.01, None, False, None)])
+def test_each_cpu_gets_the_screen_it_runs_fastest(engine: Engine, bf16: float, int8: float | None, int4_fits: bool,
+                                                  kind: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     from worker.model import head_screen as module
 
-    # Given this machine's real probe of bf16 against fp32 on a slice of the layer
-    real = module.bf16_speedup(engine.decoder.head)
-    assert real > 0
-    if not 0.8 < real / module.BF16_FASTER < 1.25:  # clear of the threshold, so timing noise cannot flip it
-        assert module.choose_kind(engine.decoder.head) == ("bf16" if real >= module.BF16_FASTER else "int4")
-    # When a CPU's probe gives `speedup` (patched: one machine has only one kind of CPU)
-    monkeypatch.setattr(module, "bf16_speedup", lambda head, rounds=3, table=None: speedup)
+    # Given this machine's real probes of bf16 and of fbgemm's int8 against fp32 on a slice of the layer
+    real = {"bf16": module.bf16_speedup(engine.decoder.head), "int8": module.int8_speedup(engine.decoder.head)}
+    assert module.int8_applies() and min(real.values()) > 0
+    fastest = max(real, key=real.__getitem__)
+    if real[fastest] > 1.25 * module.FASTER and real[fastest] > 1.25 * min(real.values()):  # clear of noise
+        assert module.choose_kind(engine.decoder.head) == fastest
+    # When a CPU's probes give these speed-ups (patched: one machine has only one kind of CPU;
+    # None: fbgemm's engine is not this build's)
+    monkeypatch.setattr(module, "bf16_speedup", lambda head, rounds=3, table=None: bf16)
+    monkeypatch.setattr(module, "int8_speedup", lambda head, rounds=3, table=None: int8)
+    monkeypatch.setattr(module, "int8_applies", lambda: int8 is not None)
     monkeypatch.setattr(module, "int4_applies", lambda head: int4_fits)
-    # Then bf16 is chosen where bf16 is faster, else int4 where its kernel fits, else none
+    # Then the kind whose kernel beats fp32 by most is chosen, if by FASTER, else int4 where its
+    # kernel fits, else none
     assert module.choose_kind(engine.decoder.head) == kind
 
 
-def test_a_cpu_whose_bf16_is_slow_gets_the_int4_screen() -> None:
+@pytest.mark.parametrize("engine_name, kind", [("x86", "int8"), ("qnnpack", "int4")])
+def test_a_cpu_whose_bf16_is_slow_gets_the_int8_screen_or_else_int4(engine_name: str, kind: str) -> None:
     # Given a process whose oneDNN is held to AVX2 (no bf16 units: bf16 is slower than fp32 there,
-    # on this machine as on any other), over a layer of the output layer's width
-
-    script = ("import time, torch\n"
+    # on this machine as on any other), over a layer of the output layer's width; fbgemm's int8
+    # kernel there, or a quantized engine other than fbgemm's (as on an Arm build)
+    script = ("import sys, time, torch\n"
               "from worker.model import head_screen\n"
+              "torch.backends.quantized.engine = sys.argv[1]\n"
               "head = torch.nn.Linear(640, 8192, bias=False)\n"
               "started = time.perf_counter()\n"
               "print(head_screen.bf16_speedup(head), head_screen.choose_kind(head), time.perf_counter() - started)\n")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", script, engine_name], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    speedup, kind, seconds = done.stdout.split()
-    # Then its probe finds bf16 slower and picks int4, and settles it quickly (it stops at the
-    # first timed round four times slower)
-    assert float(speedup) < head_screen.BF16_FASTER and kind == "int4"
+    speedup, chosen, seconds = done.stdout.split()
+    # Then its probe finds bf16 slower and picks int8 where fbgemm runs (faster than fp32 on every
+    # x86 CPU with AVX2), else int4, and settles it quickly (the bf16 probe stops at the first timed
+    # round four times slower)
+    assert float(speedup) < head_screen.FASTER and chosen == kind
     assert float(seconds) < 5
 
 
@@ -311,7 +425,7 @@ def test_the_screen_is_kept_only_where_it_beats_the_full_layer(loaded_model, slo
     expected = engine.generate(["The sky is", "Water boils at"], max_new_tokens=6)
     kind = head_screen.choose_kind(engine.decoder.head)
     monkeypatch.setattr(head_screen, "choose_kind", lambda head, table=None: kind)  # the same kind in the trial
-    target, name = ({"int4": HeadScreen, "bf16": Bf16Screen}[kind], "best") if slow == "screen" else (Decoder, "best_blocked")
+    target, name = (SCREENS[kind], "best") if slow == "screen" else (Decoder, "best_blocked")
     original = getattr(target, name)
 
     def slowed(self, hidden):
@@ -342,7 +456,7 @@ def test_a_screen_that_wins_only_for_few_rows_answers_only_calls_that_few(loaded
     engine = Engine(loaded_model, max_input_tokens=512, token_budget=1024, max_batch_size=8, max_new_tokens=8)
     kind = head_screen.choose_kind(engine.decoder.head)
     monkeypatch.setattr(head_screen, "choose_kind", lambda head, table=None: kind)
-    screen_class = {"int4": HeadScreen, "bf16": Bf16Screen}[kind]
+    screen_class = SCREENS[kind]
     screen_best, full_best = screen_class.best, Decoder.best_blocked
 
     def slow_screen(self, hidden):
@@ -410,7 +524,7 @@ def test_the_cli_turns_the_screen_on_unless_told_not_to(engine: Engine) -> None:
     assert on.returncode == 0 and off.returncode == 0, (on.stderr, off.stderr)
     # Then the first has the screen on, to be built once greedy work earns it (six tokens do not),
     # the second the full layer only, and both print the same text
-    assert "greedy head: bf16 or int4 screen" in on.stderr and "greedy head screen built" not in on.stderr
+    assert "greedy head: bf16, int8 or int4 screen" in on.stderr and "greedy head screen built" not in on.stderr
     assert "greedy head: full output layer" in off.stderr
     assert on.stdout == off.stdout
 
