@@ -112,8 +112,9 @@ def int4_applies(head: torch.nn.Linear) -> bool:
 
 def int8_applies() -> bool:
     """Whether fbgemm's int8 kernel runs here (the quantized engine of x86 builds of PyTorch, whose
-    input codes `INT8_LEVELS` describes)."""
-    return (torch.backends.quantized.engine in ("x86", "fbgemm")
+    input codes `INT8_LEVELS` describes) and still takes the quantized tensors it is packed from
+    (deprecated in PyTorch 2.13: where they are gone, the other screens serve)."""
+    return (torch.backends.quantized.engine in ("x86", "fbgemm") and hasattr(torch, "quantize_per_channel")
             and hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch.ops.quantized, "linear_prepack"))
 
 
