@@ -225,8 +225,8 @@ class Decoder:
     def ensure_screen(self, kind: str | None = None) -> head_screen.Screen | None:
         """Build the screen now if it applies and is turned on: of `kind`, or the kind this CPU runs
         faster (`head_screen.choose_kind`: bf16 where it has bf16 units, 335 MB and about 0.1 s on 2
-        cores; int8 where fbgemm's kernel is faster still, 168 MB and about 3 s; else int4, 105 MB and
-        about 1.5 s). None where neither applies."""
+        cores; int8 where fbgemm's int8 kernel beats bf16's, 168 MB and about 3 s; else int4, 105 MB
+        and about 1.5 s). None where none applies."""
         if self.screen_wanted and self._screen is None:
             started = time.monotonic()
             kind = kind or head_screen.choose_kind(self.head, self.table)

@@ -62,24 +62,36 @@ def states(engine: Engine, docstrings: list[str]) -> torch.Tensor:
         return _decode_states(engine.decoder, rows, steps=12)
 
 
+def _screened_and_full(engine: Engine, items: list[Tokenized], screen: head_screen.Screen, *,
+                       max_new_tokens: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """(greedy tokens with `screen` asked for every call, whatever an earlier trial on this shared
+    engine kept its own screen for; greedy tokens with every word scored in fp32; rows the screen
+    answered), the decoder left as it was."""
+    decoder: Decoder = engine.decoder
+    saved = decoder._screen, decoder.screen_trial, decoder.screened_rows
+    decoder._screen, decoder.screen_trial = screen, None
+    try:
+        screened = engine.generate_tokenized(items, max_new_tokens=max_new_tokens)
+        answered = decoder.screened_rows - saved[2]
+        decoder.screen_wanted = False
+        full = engine.generate_tokenized(items, max_new_tokens=max_new_tokens)
+    finally:
+        decoder.screen_wanted = True
+        decoder._screen, decoder.screen_trial = saved[:2]
+    return [g.token_ids for g in screened], [g.token_ids for g in full], answered
+
+
 def test_screened_greedy_generation_gives_the_full_layers_tokens(engine: Engine, docstrings: list[str]) -> None:
     # Given 24 real prompts of mixed length
     items = _items(engine, docstrings, 60)[:24]
     decoder: Decoder = engine.decoder
     assert decoder.screen_wanted and decoder.ensure_screen() is not None
-    # When generated greedily with the screen asked for every call (whatever an earlier trial on this
-    # shared engine kept it for) and with every word scored in fp32
-    before, trial = decoder.screened_rows, decoder.screen_trial
-    decoder.screen_trial = None
-    try:
-        screened = engine.generate_tokenized(items, max_new_tokens=32)
-        decoder.screen_wanted = False
-        full = engine.generate_tokenized(items, max_new_tokens=32)
-    finally:
-        decoder.screen_wanted, decoder.screen_trial = True, trial
+    # When generated greedily with the screen this CPU chose asked for every call, and with every
+    # word scored in fp32
+    screened, full, answered = _screened_and_full(engine, items, decoder.ensure_screen(), max_new_tokens=32)
     # Then the screen answered most rows, and every output is the same, token for token
-    assert decoder.screened_rows - before > 24 * 16
-    assert [g.token_ids for g in screened] == [g.token_ids for g in full]
+    assert answered > 24 * 16
+    assert screened == full
 
 
 @pytest.fixture(scope="module")
@@ -252,23 +264,13 @@ def test_the_int8_screen_gives_every_sure_state_the_full_layers_token(int8_scree
 
 def test_the_int8_screen_in_the_decoder_gives_the_full_layers_tokens(int8_screen: Int8Screen, engine: Engine,
                                                                       docstrings: list[str]) -> None:
-    # Given 12 real prompts and the decoder's greedy head answered by the int8 screen on every call
+    # Given 12 real prompts
     items = _items(engine, docstrings, 40)[:12]
-    decoder: Decoder = engine.decoder
-    saved = decoder._screen, decoder.screen_trial, decoder.screened_rows
-    decoder._screen, decoder.screen_trial = int8_screen, None
-    try:
-        # When generated greedily through it, and with every word scored in fp32
-        screened = engine.generate_tokenized(items, max_new_tokens=24)
-        answered = decoder.screened_rows - saved[2]
-        decoder.screen_wanted = False
-        full = engine.generate_tokenized(items, max_new_tokens=24)
-    finally:
-        decoder.screen_wanted = True
-        decoder._screen, decoder.screen_trial = saved[:2]
+    # When generated greedily with the int8 screen answering every call, and with every word scored in fp32
+    screened, full, answered = _screened_and_full(engine, items, int8_screen, max_new_tokens=24)
     # Then the screen answered most rows, and every output is the same, token for token
     assert answered > 12 * 12
-    assert [g.token_ids for g in screened] == [g.token_ids for g in full]
+    assert screened == full
 
 
 def test_the_int8_screen_sends_flat_rows_to_the_full_layer_and_breaks_ties_low(int8_screen: Int8Screen,
