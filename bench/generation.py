@@ -99,7 +99,10 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
     # As in a fresh worker, the timed run builds the head screen once its greedy rows have spent
     # SCREEN_AFTER_S in the full layer, and keeps it only if it beats the full layer (both inside the timing)
     screened, unsure, full = decoder.screened_rows, decoder.unsure_rows, decoder.full_rows
+    drafted, accepted, steps = decoder.drafted, decoder.accepted, decoder.steps
     ours_tokens, ours_s = run_ours(engine, items, max_new_tokens)
+    drafts = {"drafted": decoder.drafted - drafted, "accepted": decoder.accepted - accepted,
+              "steps": decoder.steps - steps}
     # "full_rows": rows the screen was unsure of (the key earlier results use); "unscreened_rows":
     # rows no screen was asked about (before its trial, or calls larger than it won at)
     screen = {"screened_rows": decoder.screened_rows - screened, "full_rows": decoder.unsure_rows - unsure,
@@ -124,6 +127,8 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
             decoder.screen_wanted = True
         result["ours_full_head"] = {"tokens": sum(map(len, full_tokens)), "seconds": full_s}
         result["head_screen"] = {**screen, "agreement_with_full_head": agreement(ours_tokens, full_tokens)}
+    if decoder.draft_tokens:  # the same engine, one token per row and step (no prompt-lookup drafts)
+        result["drafts"] = {**drafts, **measure_drafts(engine, items, max_new_tokens, ours_tokens)}
     if int4 is not None:
         int4.generate_tokenized(items[:2], max_new_tokens=4)
         lossy_tokens, lossy_s = run_ours(int4, items, max_new_tokens)
@@ -144,6 +149,33 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
         if "ours_int4" in result:
             result["int4_ratio_vs_llama_cpp"] = result["ours_int4"]["tokens_per_s"] / result["llama_cpp"]["tokens_per_s"]
     return result
+
+
+def measure_drafts(engine: Engine, items: list[Tokenized], max_new_tokens: int,
+                   ours_tokens: list[list[int]], *, alone: int = 4) -> dict[str, Any]:
+    """Our engine without prompt-lookup drafts (`Decoder.draft_tokens` 0) on the same prompts, and
+    `alone` of them (spread over the lengths) each generated on its own with and without drafts,
+    alternating (a lone request, where a step's cost is its weights' reads): seconds and agreement."""
+    decoder = engine.decoder
+    kept = decoder.draft_tokens
+    picked = items[:: max(1, len(items) // alone)][:alone]
+    single: dict[str, list[float]] = {"drafts": [], "none": []}
+    single_tokens: dict[str, list[list[int]]] = {"drafts": [], "none": []}
+    try:
+        decoder.draft_tokens = 0
+        plain_tokens, plain_s = run_ours(engine, items, max_new_tokens)
+        for item in picked:
+            for name, count in (("drafts", kept), ("none", 0)):
+                decoder.draft_tokens = count
+                tokens, seconds = run_ours(engine, [item], max_new_tokens)
+                single[name].append(seconds)
+                single_tokens[name].extend(tokens)
+    finally:
+        decoder.draft_tokens = kept
+    return {"no_drafts": {"tokens": sum(map(len, plain_tokens)), "seconds": plain_s,
+                          "agreement": agreement(ours_tokens, plain_tokens)},
+            "alone": {"prompts": len(picked), "seconds_with": sum(single["drafts"]), "seconds_without": sum(single["none"]),
+                      "agreement": agreement(single_tokens["drafts"], single_tokens["none"])}}
 
 
 def render(r: dict[str, Any]) -> str:
@@ -173,6 +205,14 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"head screen trial, {t.get('kind', 'int4')} screen / full layer ms per call: "
                          + ", ".join(f"{size} rows {s * 1000:.1f} / {f * 1000:.1f}" for size, s, f in sizes)
                          + f": {verdict}")
+    if "drafts" in r:
+        d, plain, alone = r["drafts"], r["drafts"]["no_drafts"], r["drafts"]["alone"]
+        lines.append(f"prompt-lookup drafts: {d['accepted']} of {d['drafted']} kept, {d['steps']} decode steps; "
+                     f"without drafts {plain['seconds']:.1f} s (drafts {plain['seconds'] / r['ours']['seconds']:.2f}x), "
+                     f"tokens identical {plain['agreement']['identical']} of {plain['agreement']['of']}; "
+                     f"{alone['prompts']} prompts each alone {alone['seconds_with']:.1f} s against "
+                     f"{alone['seconds_without']:.1f} s ({alone['seconds_without'] / alone['seconds_with']:.2f}x), "
+                     f"identical {alone['agreement']['identical']} of {alone['agreement']['of']}")
     if "int4_ratio_vs_llama_cpp" in r:
         lines.append(f"int4 is {r['int4_ratio_vs_llama_cpp']:.2f}x llama.cpp")
     for key, label in (("ours_int4", "int4"), ("llama_cpp", "llama.cpp")):

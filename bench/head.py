@@ -28,7 +28,8 @@ from worker.model.table import rows_of
 
 
 def decode_states(engine: Engine, *, n: int, steps: int) -> torch.Tensor:
-    """The hidden states the greedy head received while generating `steps` tokens for `n` prompts."""
+    """The hidden states the greedy head received while generating `steps` tokens for `n` prompts,
+    one token per row and step (no prompt-lookup drafts: one state per token)."""
     decoder = engine.decoder
     if decoder is None:
         raise ValueError(f"model {engine.name} has no merged decoder (embedding-only or not on this path)")
@@ -39,10 +40,12 @@ def decode_states(engine: Engine, *, n: int, steps: int) -> torch.Tensor:
         return decoder.best_blocked(hidden)
 
     decoder.best = capture  # an instance attribute over the method, removed below
+    drafts, decoder.draft_tokens = decoder.draft_tokens, 0
     try:
         engine.generate_tokenized(prompts(engine, n), max_new_tokens=steps)
     finally:
         del decoder.best
+        decoder.draft_tokens = drafts
     return torch.cat(captured)
 
 

@@ -56,6 +56,20 @@ ALLOWED_DIRECT = 4096
 # copying on every finished row would cost more than the steps it saves.
 COMPACT_BELOW = 0.75
 
+# Greedy rows draft up to this many tokens per step by prompt lookup (`Lookup`): the words that
+# followed the latest earlier occurrence of the row's last `DRAFT_NGRAM` tokens (or fewer) in its
+# prompt and output. One forward pass then scores the row's token and its drafts together, and the
+# row keeps every draft the model would have chosen itself, plus the model's own next token: the
+# same greedy tokens in fewer steps. On CPU a step of 4 positions per row costs about 2 to 3 times
+# one of 1, and answers that restate their prompt accept most drafts (docs/PERFORMANCE.md).
+# When fewer rows are live (the batch's last, slowest rows), each may draft more, up to
+# `DRAFT_POSITIONS` positions a step in all and `DRAFT_MAX` per row: a step's cost is mostly its
+# weights' reads, and the rows that hold the batch open are the ones worth speeding.
+DRAFT_TOKENS = 3
+DRAFT_POSITIONS = 128
+DRAFT_MAX = 15
+DRAFT_NGRAM = 3
+
 
 class _SlotLayer(DynamicLayer):
     """One layer's keys and values in a buffer sized for the whole decode, written in place (no
@@ -66,6 +80,9 @@ class _SlotLayer(DynamicLayer):
         self.keys_buf, self.values_buf, self.length = keys, values, length
         self.device = keys.device
         self.is_initialized = True
+        # Where each row's next keys go (rows,), set by the decoder before a step: rows advance by
+        # different numbers of tokens when drafts are verified. None: every row at `length`.
+        self.write_at: torch.Tensor | None = None
         self._expose()
 
     def _expose(self) -> None:
@@ -75,9 +92,16 @@ class _SlotLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
                ) -> tuple[torch.Tensor, torch.Tensor]:
         n, q = self.length, key_states.shape[-2]
-        self.keys_buf[:, :, n: n + q] = key_states
-        self.values_buf[:, :, n: n + q] = value_states
-        self.length = n + q
+        if self.write_at is None:
+            self.keys_buf[:, :, n: n + q] = key_states
+            self.values_buf[:, :, n: n + q] = value_states
+            self.length = n + q
+        else:
+            rows = torch.arange(key_states.shape[0], device=key_states.device)[:, None]
+            columns = self.write_at[:, None] + torch.arange(q, device=key_states.device)
+            self.keys_buf[rows, :, columns] = key_states.transpose(1, 2)
+            self.values_buf[rows, :, columns] = value_states.transpose(1, 2)
+            self.length = int(self.write_at.max()) + q
         self._expose()
         return self.keys, self.values
 
@@ -101,6 +125,37 @@ class _SlidingSlotLayer(_SlotLayer):
     @property
     def cumulative_length(self) -> int:
         return self.length
+
+
+class Lookup:
+    """Prompt-lookup drafts for one row: `propose(k)` gives the (up to) k tokens that followed the
+    latest earlier occurrence of the row's last `ngram` tokens, trying shorter tails down to one
+    token; nothing where no tail occurred before. The index holds every n-gram but the current
+    tail, so a proposal never points at the tail itself."""
+
+    def __init__(self, tokens: Sequence[int], ngram: int = DRAFT_NGRAM) -> None:
+        self.tokens = list(tokens)
+        self.ngram = ngram
+        self.seen: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence ends
+        for end in range(1, len(self.tokens)):
+            self._index(end)
+
+    def _index(self, end: int) -> None:
+        for n in range(1, min(self.ngram, end) + 1):
+            self.seen[tuple(self.tokens[end - n: end])] = end
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        self._index(len(self.tokens) - 1)
+
+    def propose(self, count: int) -> list[int]:
+        if count <= 0:
+            return []
+        for n in range(min(self.ngram, len(self.tokens)), 0, -1):
+            end = self.seen.get(tuple(self.tokens[-n:]))
+            if end is not None:
+                return self.tokens[end: end + count]
+        return []
 
 
 @dataclass
@@ -170,8 +225,13 @@ class Decoder:
     greedy head's screen (built once greedy work has earned it) and its counters."""
 
     def __init__(self, lm: torch.nn.Module, *, pad_id: int, device: torch.device, screen: bool = True,
-                 table: Int8Table | None = None) -> None:
+                 table: Int8Table | None = None, draft_tokens: int = DRAFT_TOKENS) -> None:
         self.lm = lm
+        # Prompt-lookup drafts per greedy row and step (`DRAFT_TOKENS`); 0: one token per step.
+        self.draft_tokens = draft_tokens
+        self.drafted = 0  # draft tokens scored
+        self.accepted = 0  # of them, the ones the model chose itself (kept)
+        self.steps = 0  # decode steps (forward passes after the prefills)
         # The output layer's rows as int8 blocks (worker/model/table.py), where the loader found them
         # exact: the greedy head and its screens read those, never the fp32 table's pages.
         self.table = table
@@ -201,14 +261,15 @@ class Decoder:
         log.info("greedy head: %s", f"bf16, int8 or int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s "
                  "and kept if faster" if self.screen_wanted else "full output layer")
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
-                 past: int) -> torch.Tensor:
-        """The final hidden state at each row's last position (the output layer is applied apart)."""
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | dict[str, torch.Tensor], positions: torch.Tensor,
+                 cache: Cache, past: int, *, every: bool = False) -> torch.Tensor:
+        """The final hidden state at each row's last position, or at every position (`every`); the
+        output layer is applied apart."""
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._pass_cache_position:
             kwargs["cache_position"] = torch.arange(past, past + ids.shape[1], device=self.device)
         out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
-        return out.last_hidden_state[:, -1, :]
+        return out.last_hidden_state if every else out.last_hidden_state[:, -1, :]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits, as the model's own head computes them (for sampling and grammars)."""
@@ -457,13 +518,14 @@ class Decoder:
         string appeared). Finished rows keep their ids and leave the batch."""
         pending = list(groups)
         out: list[list[int]] = [[] for _ in rows]
+        drafting = self.draft_tokens if choose is None else 0  # columns a row's drafts need past its new tokens
         while pending:
             width = max(len(rows[i]) for i in pending[0])
 
             def rows_held(slack: int) -> int:
                 if slots is None:
                     return sum(map(len, pending))
-                return max(1, min(max_rows or slots, slots // (width + max_new_tokens + slack)))
+                return max(1, min(max_rows or slots, slots // (width + max_new_tokens + slack + drafting)))
 
             # Work that will wait needs spare columns to join into: as many as the new tokens, so
             # a newcomer fits beside rows that have just started (fewer rows at once, in exchange).
@@ -485,55 +547,125 @@ class Decoder:
                  choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
                  finished: Callable[[int, list[int]], bool], out: list[list[int]]) -> None:
         """One merged batch: `first` decoded together, groups from `pending` joining as room frees
-        (`slack` spare columns past the first rows' prompts and new tokens)."""
+        (`slack` spare columns past the first rows' prompts and new tokens). Greedy rows feed their
+        prompt-lookup drafts with their token (`DRAFT_TOKENS`), so rows advance by different
+        numbers of tokens a step: each row writes from its own column on (`ends`) under a mask
+        built here, causal within the step's positions."""
+        drafting = self.draft_tokens if choose is None else 0
         prefilled = [self.prefill(rows, g) for g in first]
         order = [i for g in prefilled for i in g.rows]  # batch row -> index into `rows`
         width = max(g.width for g in prefilled)
-        total = width + max_new_tokens + slack  # columns of the cache; a row needs its prompt + new tokens
+        # columns of the cache: a row needs its prompt + new tokens, and room for a step's drafts
+        total = width + max_new_tokens + slack + drafting
         cache = self.merge(prefilled, width=width, total=total)
-        hidden = torch.cat([g.hidden for g in prefilled])
+        hidden = torch.cat([g.hidden for g in prefilled])[:, None, :]  # (rows, positions, hidden size)
         del prefilled
-        mask = torch.zeros((len(order), total), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(order), total), dtype=torch.bool, device=self.device)  # columns holding a row's tokens
         for b, i in enumerate(order):
-            mask[b, width - len(rows[i]): width] = 1
+            mask[b, width - len(rows[i]): width] = True
         positions = torch.tensor([len(rows[i]) for i in order], dtype=torch.long, device=self.device)
+        ends = torch.full((len(order),), width, dtype=torch.long, device=self.device)  # where each row writes next
         starts = [width - len(rows[i]) for i in order]  # first column each batch row uses
-        column = width  # where the next token's key and value go
+        fed = [0] * len(order)  # 1 where a row fed its token in the last step (0 after a prefill)
+        drafts: list[list[int]] = [[] for _ in order]  # the drafts each row fed in the last step
+        lookups = {i: Lookup(rows[i]) for i in order} if drafting else {}
         alive = list(range(len(order)))  # batch rows still generating
 
         while True:
-            live_hidden = hidden[alive] if len(alive) < len(order) else hidden
-            feed = [self.pad_id] * len(order)
-            still = []
-            for b, t in zip(alive, self._pick(live_hidden, [order[b] for b in alive], choose)):
-                feed[b] = t
-                if _goes_on(out, order[b], t, max_new_tokens, finished):
+            feeds: list[list[int]] = [[self.pad_id] for _ in order]
+            still, kept = [], []
+            for b, chosen in zip(alive, self._verify(hidden, alive, drafts, [order[b] for b in alive], choose)):
+                row, draft = order[b], drafts[b]
+                agreed = 0
+                while agreed < len(draft) and chosen[agreed] == draft[agreed]:
+                    agreed += 1
+                self.drafted += len(draft)
+                self.accepted += agreed
+                kept.append((b, fed[b] + agreed))  # columns that now hold the row's own tokens: its fed one, the kept drafts
+                goes_on = True
+                for token in [*draft[:agreed], chosen[agreed]]:
+                    if row in lookups:
+                        lookups[row].append(token)
+                    if not _goes_on(out, row, token, max_new_tokens, finished):
+                        goes_on = False
+                        break
+                if goes_on:
                     still.append(b)
+                    feeds[b] = [token]
+            for b, valid in kept:
+                if valid:
+                    mask[b, int(ends[b]): int(ends[b]) + valid] = True
+                    ends[b] += valid
+                    positions[b] += valid
             if not still:
                 return  # the next session (if work waits) starts with its own width
+            column = int(ends[still].max())
             joining, shift = self._joining(rows, pending, still=len(still), capacity=capacity, column=column,
                                            total=total, starts=[starts[b] for b in still],
-                                           max_new_tokens=max_new_tokens)
+                                           max_new_tokens=max_new_tokens + drafting)
             if joining or len(still) < COMPACT_BELOW * len(order):
                 feed_new, rows_new, groups_new = self._admit(rows, joining, choose, finished, out, max_new_tokens)
                 keep = torch.tensor(still, device=self.device)
-                current = [feed[b] for b in still] + feed_new
+                feeds = [feeds[b] for b in still] + [[t] for t in feed_new]
                 mask = self._rebuild(cache, mask, keep, shift=shift, column=column, total=total,
                                      joining=groups_new)
                 positions = torch.cat([positions[keep], torch.tensor([len(rows[i]) for i in rows_new],
                                                                      dtype=torch.long, device=self.device)])
+                ends = torch.cat([ends[keep] - shift, torch.full((len(rows_new),), column - shift, dtype=torch.long,
+                                                                  device=self.device)])
                 starts = [starts[b] - shift for b in still] + [column - shift - len(rows[i]) for i in rows_new]
+                for i in rows_new:
+                    if drafting:
+                        lookups[i] = Lookup([*rows[i], *out[i]])
                 order = [order[b] for b in still] + rows_new
-                column -= shift
                 alive = list(range(len(order)))
-                current_ids = torch.tensor(current, dtype=torch.long, device=self.device)
             else:
                 alive = still
-                current_ids = torch.tensor(feed, dtype=torch.long, device=self.device)
-            mask[:, column] = 1
-            hidden = self._forward(current_ids[:, None], mask[:, : column + 1], positions[:, None], cache, column)
-            positions = positions + 1
-            column += 1
+            drafts = [[] for _ in order]
+            if drafting:
+                # as many drafts as the step's positions allow, and the columns left to the furthest row
+                most = min(max(drafting, DRAFT_POSITIONS // len(alive) - 1), DRAFT_MAX, total - int(ends[alive].max()) - 1)
+                for b in alive:
+                    drafts[b] = lookups[order[b]].propose(min(most, max_new_tokens - len(out[order[b]]) - 1))
+                    feeds[b] = feeds[b] + drafts[b]
+            hidden = self._step(cache, feeds, mask, positions, ends, total)
+            fed = [1] * len(order)
+            self.steps += 1
+
+    def _verify(self, hidden: torch.Tensor, alive: list[int], drafts: list[list[int]], live: list[int],
+                choose: Callable[[torch.Tensor, list[int]], list[int]] | None) -> list[list[int]]:
+        """Per live batch row, the model's token after its fed token and after each of its drafts
+        (the positions of the last step that row used): greedy through `best`, all rows' positions in
+        one call; sampled rows (no drafts) through `choose`."""
+        if choose is not None:
+            return [[t] for t in choose(self.logits(hidden[alive, 0]), live)]
+        index_b = [b for b in alive for _ in range(len(drafts[b]) + 1)]
+        index_j = [j for b in alive for j in range(len(drafts[b]) + 1)]
+        tokens = self.best(hidden[index_b, index_j])
+        out, at = [], 0
+        for b in alive:
+            n = len(drafts[b]) + 1
+            out.append(tokens[at: at + n])
+            at += n
+        return out
+
+    def _step(self, cache: Cache, feeds: list[list[int]], mask: torch.Tensor, positions: torch.Tensor,
+              ends: torch.Tensor, total: int) -> torch.Tensor:
+        """One decode forward: row b feeds `feeds[b]` (its token, then its drafts; padded to the
+        longest), written from column `ends[b]`, each position seeing the row's columns in `mask`
+        and the step's positions up to its own. Returns the hidden states, (rows, positions, size)."""
+        q = max(len(f) for f in feeds)
+        ids = torch.tensor([f + [self.pad_id] * (q - len(f)) for f in feeds], dtype=torch.long, device=self.device)
+        steps = torch.arange(q, device=self.device)
+        write_at = ends.clamp(max=total - q)  # rows that ended write nowhere that matters, inside the buffer
+        width = int(write_at.max()) + q
+        columns = torch.arange(width, device=self.device)
+        new = (columns >= write_at[:, None, None]) & (columns <= (write_at[:, None] + steps)[:, :, None])
+        visible = (mask[:, None, :width] | new)[:, None]  # (rows, 1, positions, columns)
+        for layer in cache.layers:
+            layer.write_at = write_at
+        return self._forward(ids, {"full_attention": visible, "sliding_attention": visible},
+                             positions[:, None] + steps, cache, int(write_at.min()), every=True)
 
     def _joining(self, rows: Sequence[Sequence[int]], pending: list[list[int]], *, still: int, capacity: int,
                  column: int, total: int, starts: list[int], max_new_tokens: int) -> tuple[list[list[int]], int]:

@@ -150,6 +150,11 @@ def test_the_generation_section_times_the_head_screen_against_the_full_layer(eng
     assert screen["screened_rows"] + screen["full_rows"] + screen["unscreened_rows"] >= got["ours"]["tokens"]
     assert screen["screened_rows"] > 0
     assert engine.decoder.screen_wanted and "ours, --no-head-screen" in render(got)
+    # and again without prompt-lookup drafts, on all prompts and on a few alone: the same tokens
+    drafts = got["drafts"]
+    assert drafts["no_drafts"]["agreement"]["identical"] == 4 and drafts["alone"]["agreement"]["identical"] == 4
+    assert drafts["steps"] > 0 and drafts["drafted"] >= drafts["accepted"] >= 0
+    assert engine.decoder.draft_tokens > 0 and "prompt-lookup drafts:" in render(got)
 
 
 def test_the_head_section_times_each_screen_against_the_full_layer_on_real_decode_states(engine) -> None:

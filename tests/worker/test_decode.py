@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from worker.decode import Decoder, fits
+from worker.decode import Decoder, Lookup, fits
 from worker.engine import Engine, plan_batches
 
 INSTRUCTION = "<start_of_turn>user\nExplain what this documentation describes:\n\n{}<end_of_turn>\n<start_of_turn>model\n"
@@ -127,6 +127,55 @@ def test_waiting_prompts_join_the_running_batch_as_rows_finish(engine: Engine, d
     first_four = set(order[:4])
     assert any(set(live) & first_four and set(live) - first_four for live in live_sets)
     assert any(shift > 0 for shift in shifts)
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_earlier_occurrence_of_the_tail() -> None:
+    # Given a row whose tokens repeat: 5 6 7 8 ... 5 6 7 9 ... 6 7
+    lookup = Lookup([5, 6, 7, 8, 1, 5, 6, 7, 9, 2, 6, 7])
+    # Then the tail "6 7" (no earlier "2 6 7") drafts what followed its latest earlier occurrence
+    assert lookup.propose(3) == [9, 2, 6]
+    # and a new token extends the tail: "6 7 9" occurred once, so its continuation is drafted,
+    lookup.append(9)
+    assert lookup.propose(2) == [2, 6]
+    # shorter tails stand in for longer ones, a draft stops at the end of what is known,
+    lookup.append(4)
+    assert lookup.propose(5) == []  # 4 never occurred before
+    lookup.append(2)
+    assert lookup.propose(4) == [6, 7, 9, 4]  # "2" last occurred before "6 7 9 4 2"
+    # and nothing is drafted when asked for nothing, or from a lone token
+    assert lookup.propose(0) == [] and Lookup([3]).propose(2) == []
+
+
+def test_drafted_greedy_decoding_keeps_the_tokens_of_one_token_steps(engine: Engine, docstrings: list[str]) -> None:
+    # Given 12 prompts, each to end after its own number of tokens (6 to 30), and a key/value budget
+    # of four rows at a time (rows finish at different steps, waiting prompts join a running batch)
+    rows = _prompts(engine, docstrings, 12, longest=160)
+    decoder: Decoder = engine.decoder
+    order = sorted(range(12), key=lambda i: len(rows[i]), reverse=True)
+    ends = {i: 6 + (k * 7) % 25 for k, i in enumerate(order)}
+
+    def stop(row: int, ids: list[int]) -> bool:
+        return len(ids) >= ends[row]
+
+    slots = 4 * (len(rows[order[0]]) + 2 * 30 + decoder.draft_tokens)
+    runs = {}
+    kept = decoder.draft_tokens
+    try:
+        for count in (kept, 0):
+            decoder.draft_tokens = count
+            before = (decoder.drafted, decoder.accepted, decoder.steps)
+            with torch.inference_mode():
+                out = decoder.run(rows, [[i] for i in order], max_new_tokens=30, choose=None, finished=stop,
+                                  slots=slots, max_rows=64)
+            runs[count] = (out, decoder.drafted - before[0], decoder.accepted - before[1], decoder.steps - before[2])
+    finally:
+        decoder.draft_tokens = kept
+    (drafted_out, drafted, accepted, steps), (plain_out, none, _, plain_steps) = runs[kept], runs[0]
+    # When greedy rows draft by prompt lookup, every row has the tokens of one-token steps, ending where told,
+    assert kept > 0 and drafted_out == plain_out and all(len(drafted_out[i]) == ends[i] for i in range(12))
+    # the model kept some drafts (these answers restate their prompts), so it took fewer steps
+    assert none == 0 and 0 < accepted <= drafted
+    assert steps < plain_steps
 
 
 def test_refilled_decoding_gives_generates_text_with_real_stop_strings(engine: Engine, docstrings: list[str],
