@@ -60,8 +60,8 @@ COMPACT_BELOW = 0.75
 # followed the latest earlier occurrence of the row's last `DRAFT_NGRAM` tokens (or fewer) in its
 # prompt and output. One forward pass then scores the row's token and its drafts together, and the
 # row keeps every draft the model would have chosen itself, plus the model's own next token: the
-# same greedy tokens in fewer steps. On CPU a step of 4 positions per row costs about 2 to 3 times
-# one of 1, and answers that restate their prompt accept most drafts (docs/PERFORMANCE.md).
+# same greedy tokens in fewer steps. On 2 CPU cores a step of 31 rows x 4 positions cost about 1.6
+# times one of 31 x 1, and answers that restate their prompt accept most drafts (docs/PERFORMANCE.md).
 # When fewer rows are live (the batch's last, slowest rows), each may draft more, up to
 # `DRAFT_POSITIONS` positions a step in all and `DRAFT_MAX` per row: a step's cost is mostly its
 # weights' reads, and the rows that hold the batch open are the ones worth speeding.
