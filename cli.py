@@ -59,6 +59,12 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "bench. Built once greedy work has spent as long in the full layer (0.1 s and 335 MB "
                           "bf16, 1.5 s and 105 MB int4), then kept only if it beats the full layer on this "
                           "CPU (docs/PERFORMANCE.md). Default: on; off scores every word in fp32."),
+        click.option("--drafts/--no-drafts", default=True, envvar="GEMMA_BATCH_DRAFTS",
+                     help="Greedy rows guess their next tokens from earlier text (the tokens that followed the "
+                          "latest earlier occurrence of their last three) and the model checks the guesses in the "
+                          "same step, keeping those it would have chosen itself: the same tokens in fewer steps, "
+                          "most for answers that restate their prompt (docs/PERFORMANCE.md). Default: on; off "
+                          "generates one token per row and step."),
         click.option("--log-level", default="WARNING", show_default=True, envvar="GEMMA_BATCH_LOG_LEVEL",
                      type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
     ]
@@ -68,7 +74,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*, model: str, cache_dir: Path, device: str, max_input_tokens: int, token_budget: int | None,
                 max_batch_size: int, max_new_tokens_limit: int, quantize: str | None, compile_: bool,
-                head_screen: bool, log_level: str, **kwargs: Any) -> Any:
+                head_screen: bool, drafts: bool, log_level: str, **kwargs: Any) -> Any:
         from worker.logs import configure_logging
 
         configure_logging(log_level)
@@ -76,7 +82,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             settings = Settings(model=model, cache_dir=cache_dir, device=device, max_input_tokens=max_input_tokens,
                                 token_budget=token_budget, max_batch_size=max_batch_size,
                                 max_new_tokens=max_new_tokens_limit, quantize=quantize, compile=compile_,
-                                head_screen=head_screen)
+                                head_screen=head_screen, drafts=drafts)
         except ValueError as exc:
             raise CliError(str(exc)) from None
         return fn(settings=settings, **kwargs)
@@ -614,7 +620,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
               "GEMMA_BATCH_DEVICE": settings.device, "GEMMA_BATCH_MAX_INPUT_TOKENS": settings.max_input_tokens,
               "GEMMA_BATCH_TOKEN_BUDGET": settings.token_budget, "GEMMA_BATCH_MAX_BATCH_SIZE": settings.max_batch_size,
               "GEMMA_BATCH_QUANTIZE": settings.quantize, "GEMMA_BATCH_COMPILE": "true" if settings.compile else None,
-              "GEMMA_BATCH_HEAD_SCREEN": None if settings.head_screen else "false"}
+              "GEMMA_BATCH_HEAD_SCREEN": None if settings.head_screen else "false",
+              "GEMMA_BATCH_DRAFTS": None if settings.drafts else "false"}
     return {k: str(v) for k, v in values.items() if v is not None}
 
 

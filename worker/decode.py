@@ -80,9 +80,9 @@ class _SlotLayer(DynamicLayer):
         self.keys_buf, self.values_buf, self.length = keys, values, length
         self.device = keys.device
         self.is_initialized = True
-        # Where each row's next keys go (rows,), set by the decoder before a step: rows advance by
-        # different numbers of tokens when drafts are verified. None: every row at `length`.
-        self.write_at: torch.Tensor | None = None
+        # Where each row's next keys go (rows,), set by the decoder before every step: rows advance
+        # by different numbers of tokens when drafts are verified.
+        self.write_at = torch.full((keys.shape[0],), length, dtype=torch.long, device=keys.device)
         self._expose()
 
     def _expose(self) -> None:
@@ -91,17 +91,12 @@ class _SlotLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, q = self.length, key_states.shape[-2]
-        if self.write_at is None:
-            self.keys_buf[:, :, n: n + q] = key_states
-            self.values_buf[:, :, n: n + q] = value_states
-            self.length = n + q
-        else:
-            rows = torch.arange(key_states.shape[0], device=key_states.device)[:, None]
-            columns = self.write_at[:, None] + torch.arange(q, device=key_states.device)
-            self.keys_buf[rows, :, columns] = key_states.transpose(1, 2)
-            self.values_buf[rows, :, columns] = value_states.transpose(1, 2)
-            self.length = int(self.write_at.max()) + q
+        q = key_states.shape[-2]
+        rows = torch.arange(key_states.shape[0], device=key_states.device)[:, None]
+        columns = self.write_at[:, None] + torch.arange(q, device=key_states.device)
+        self.keys_buf[rows, :, columns] = key_states.transpose(1, 2)
+        self.values_buf[rows, :, columns] = value_states.transpose(1, 2)
+        self.length = int(self.write_at.max()) + q
         self._expose()
         return self.keys, self.values
 
@@ -260,6 +255,8 @@ class Decoder:
         self._stash: torch.Tensor | None = None
         log.info("greedy head: %s", f"bf16, int8 or int4 screen, built once the full output layer has taken {SCREEN_AFTER_S}s "
                  "and kept if faster" if self.screen_wanted else "full output layer")
+        log.info("greedy rows: %s", f"up to {draft_tokens} prompt-lookup drafts a step (more when few rows are live)"
+                 if draft_tokens else "one token a step, no drafts")
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor | dict[str, torch.Tensor], positions: torch.Tensor,
                  cache: Cache, past: int, *, every: bool = False) -> torch.Tensor:

@@ -20,7 +20,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from schemas.errors import ErrorCode, TaskError
 from worker.checks import check_dims, check_sampling, check_texts
 from worker.constrained import CompiledSchema, GrammarRows, SchemaGrammars
-from worker.decode import Decoder, fits, sliding_window
+from worker.decode import DRAFT_TOKENS, Decoder, fits, sliding_window
 from worker.decoding import GreedyRows, RowSampler, StopOnStrings, cut_at_stop, masks_only, stop_window
 from worker.model.loader import LoadedModel, load_from_settings
 from worker.settings import Settings
@@ -95,7 +95,8 @@ class Engine:
     """Gemma behind a narrow interface; one instance per process, used from one thread."""
 
     def __init__(self, model: LoadedModel, *, max_input_tokens: int, token_budget: int,
-                 max_batch_size: int, max_new_tokens: int, head_screen: bool = True) -> None:
+                 max_batch_size: int, max_new_tokens: int, head_screen: bool = True,
+                 drafts: bool = True) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.device = model.placement.device
@@ -107,7 +108,7 @@ class Engine:
         # this model in fp32 on CPU (see default_decode_tokens).
         self.decode_tokens = default_decode_tokens(self.device)
         self.decoder = (Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device, screen=head_screen,
-                                table=model.table)
+                                table=model.table, draft_tokens=DRAFT_TOKENS if drafts else 0)
                         if model.lm is not None else None)
         self._compiled_forward: Any = None  # set by compile_embedding
         # False: every batch through `generate`, with the full layer's logits (the unoptimised path, for comparison)
@@ -413,7 +414,8 @@ def build_engine(settings: Settings) -> Engine:
     budget = settings.token_budget or default_token_budget(model.placement.device)
     engine = Engine(model, max_input_tokens=settings.max_input_tokens,
                     token_budget=budget, max_batch_size=settings.max_batch_size,
-                    max_new_tokens=settings.max_new_tokens, head_screen=settings.head_screen)
+                    max_new_tokens=settings.max_new_tokens, head_screen=settings.head_screen,
+                    drafts=settings.drafts)
     if settings.compile:
         log.info("embedding forward pass compiled in %.1fs", engine.compile_embedding())
     return engine

@@ -39,6 +39,7 @@ class Settings:
     result_cache: bool = True  # answer identical greedy or seeded tasks from the results store's _cache/
     compile: bool = False  # torch.compile the embedding forward pass; see engine.Engine.compile_embedding
     head_screen: bool = True  # greedy head through a bf16, int8 or int4 screen on CPU; see worker/model/head_screen.py
+    drafts: bool = True  # greedy rows verify prompt-lookup drafts, several tokens a step; see worker/decode.py
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, "int8", "int4"):

@@ -3,10 +3,12 @@ drop finished rows without disturbing the others, and leave work it cannot hold 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
 
+from tests.conftest import run_cli
 from worker.decode import Decoder, Lookup, fits
 from worker.engine import Engine, plan_batches
 
@@ -21,6 +23,20 @@ def _prompts(engine: Engine, docstrings: list[str], n: int, *, longest: int = 30
     picks = [usable[int(i * (len(usable) - 1) / (n - 1))] for i in range(n)]
     random.Random(3).shuffle(picks)
     return picks
+
+
+def _ragged(engine: Engine, docstrings: list[str], *, longest: int, end: Callable[[int], int]
+            ) -> tuple[list[tuple[int, ...]], list[int], dict[int, int], Callable[[int, list[int]], bool]]:
+    """12 prompts, longest first (`order`), the k-th of them to end after `end(k)` tokens (`ends`,
+    enforced by `stop`)."""
+    rows = _prompts(engine, docstrings, 12, longest=longest)
+    order = sorted(range(12), key=lambda i: len(rows[i]), reverse=True)
+    ends = {i: end(k) for k, i in enumerate(order)}
+
+    def stop(row: int, ids: list[int]) -> bool:
+        return len(ids) >= ends[row]
+
+    return rows, order, ends, stop
 
 
 @pytest.fixture
@@ -86,13 +102,8 @@ def test_waiting_prompts_join_the_running_batch_as_rows_finish(engine: Engine, d
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # Given 12 prompts, each to end after its own number of tokens (2 to 10, at most 10), and a
     # key/value budget that holds four rows of the longest prompt at a time
-    rows = _prompts(engine, docstrings, 12, longest=120)
+    rows, order, ends, stop = _ragged(engine, docstrings, longest=120, end=lambda k: 2 + (k * 5) % 9)
     decoder: Decoder = engine.decoder
-    order = sorted(range(12), key=lambda i: len(rows[i]), reverse=True)
-    ends = {i: 2 + (k * 5) % 9 for k, i in enumerate(order)}
-
-    def stop(row: int, ids: list[int]) -> bool:
-        return len(ids) >= ends[row]
 
     live_sets: list[list[int]] = []
 
@@ -149,13 +160,8 @@ def test_prompt_lookup_proposes_what_followed_the_latest_earlier_occurrence_of_t
 def test_drafted_greedy_decoding_keeps_the_tokens_of_one_token_steps(engine: Engine, docstrings: list[str]) -> None:
     # Given 12 prompts, each to end after its own number of tokens (6 to 30), and a key/value budget
     # of four rows at a time (rows finish at different steps, waiting prompts join a running batch)
-    rows = _prompts(engine, docstrings, 12, longest=160)
+    rows, order, ends, stop = _ragged(engine, docstrings, longest=160, end=lambda k: 6 + (k * 7) % 25)
     decoder: Decoder = engine.decoder
-    order = sorted(range(12), key=lambda i: len(rows[i]), reverse=True)
-    ends = {i: 6 + (k * 7) % 25 for k, i in enumerate(order)}
-
-    def stop(row: int, ids: list[int]) -> bool:
-        return len(ids) >= ends[row]
 
     slots = 4 * (len(rows[order[0]]) + 2 * 30 + decoder.draft_tokens)
     runs = {}
@@ -176,6 +182,18 @@ def test_drafted_greedy_decoding_keeps_the_tokens_of_one_token_steps(engine: Eng
     # the model kept some drafts (these answers restate their prompts), so it took fewer steps
     assert none == 0 and 0 < accepted <= drafted
     assert steps < plain_steps
+
+
+def test_the_cli_drafts_unless_told_not_to() -> None:
+    # Given a prompt whose answer restates it, generated greedily through the CLI with and without drafts
+    prompt = "Repeat this line exactly: the quick brown fox jumps over the lazy dog, the quick brown fox"
+    args = ("generate", prompt, "--max-tokens", "16", "--device", "cpu", "--log-level", "INFO")
+    on, off = run_cli(*args), run_cli(*args, "--no-drafts")
+    assert on.returncode == 0 and off.returncode == 0, (on.stderr, off.stderr)
+    # Then the first decodes with drafts, the second one token a step, and both print the same text
+    assert "greedy rows: up to 3 prompt-lookup drafts a step" in on.stderr
+    assert "greedy rows: one token a step, no drafts" in off.stderr
+    assert on.stdout == off.stdout and on.stdout.strip()
 
 
 def test_refilled_decoding_gives_generates_text_with_real_stop_strings(engine: Engine, docstrings: list[str],

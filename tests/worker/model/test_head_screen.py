@@ -531,9 +531,10 @@ def test_the_cli_turns_the_screen_on_unless_told_not_to(engine: Engine) -> None:
     assert on.stdout == off.stdout
 
 
-def test_reembed_children_keep_the_screen_setting() -> None:
+def test_reembed_children_keep_the_screen_and_drafts_settings() -> None:
     from cli import settings_env
     from worker.settings import Settings
 
     assert settings_env(Settings(head_screen=False))["GEMMA_BATCH_HEAD_SCREEN"] == "false"
-    assert "GEMMA_BATCH_HEAD_SCREEN" not in settings_env(Settings())
+    assert settings_env(Settings(drafts=False))["GEMMA_BATCH_DRAFTS"] == "false"
+    assert not {"GEMMA_BATCH_HEAD_SCREEN", "GEMMA_BATCH_DRAFTS"} & set(settings_env(Settings()))
