@@ -64,6 +64,10 @@ def load_model(prepared: PreparedModel, placement: Placement) -> LoadedModel:
             raise ModelSourceError(f"cannot load {prepared.path}: {exc}") from exc
     release_free_heap()  # the parsers' freed memory, before the work's allocations land on top of it
     fuse_norms(lm if lm is not None else body)
+    if placement.device.type == "cpu":  # measured and tested on CPU only (worker/model/attention.py)
+        from worker.model.attention import use_packed_attention
+
+        use_packed_attention(lm if lm is not None else body)
     tokenizer.padding_side = "left"  # generation appends on the right, so pads go left
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
