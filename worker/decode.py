@@ -532,7 +532,8 @@ class Decoder:
             while pending and sum(map(len, first)) + len(pending[0]) <= capacity:
                 first.append(pending.pop(0))
             self._session(rows, first, pending, capacity=capacity, slack=slack if pending else 0,
-                          max_new_tokens=max_new_tokens, choose=choose, finished=finished, out=out)
+                          max_new_tokens=max_new_tokens, drafting=drafting, choose=choose, finished=finished,
+                          out=out)
         return {i: out[i] for g in groups for i in g}
 
     def _pick(self, hidden: torch.Tensor, live: list[int],
@@ -540,15 +541,14 @@ class Decoder:
         return self.best(hidden) if choose is None else choose(self.logits(hidden), live)
 
     def _session(self, rows: Sequence[Sequence[int]], first: list[list[int]], pending: list[list[int]], *,
-                 capacity: int, slack: int, max_new_tokens: int,
+                 capacity: int, slack: int, max_new_tokens: int, drafting: int,
                  choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
                  finished: Callable[[int, list[int]], bool], out: list[list[int]]) -> None:
         """One merged batch: `first` decoded together, groups from `pending` joining as room frees
         (`slack` spare columns past the first rows' prompts and new tokens). Greedy rows feed their
-        prompt-lookup drafts with their token (`DRAFT_TOKENS`), so rows advance by different
+        prompt-lookup drafts with their token (`drafting` at least, 0 for sampled rows), so rows advance by different
         numbers of tokens a step: each row writes from its own column on (`ends`) under a mask
         built here, causal within the step's positions."""
-        drafting = self.draft_tokens if choose is None else 0
         prefilled = [self.prefill(rows, g) for g in first]
         order = [i for g in prefilled for i in g.rows]  # batch row -> index into `rows`
         width = max(g.width for g in prefilled)
