@@ -26,12 +26,12 @@ pytestmark = [pytest.mark.emulator, pytest.mark.slow, pytest.mark.reliability]
 # `make test-reliability` runs the full sizes (500 tasks and three kills; 300 tasks; 150 tasks
 # published twice; 200 tasks through storage faults and through a broker restart; 5,000 queued tasks).
 FULL = os.environ.get("GEMMA_BATCH_RELIABILITY") == "full"
-CRASH_TASKS = 500 if FULL else 100
+CRASH_TASKS = 500 if FULL else 60
 STOP_TASKS = 300 if FULL else 60
-PAIR_TASKS = 150 if FULL else 100
-FAULT_TASKS = 200 if FULL else 120
-RESTART_TASKS = 200 if FULL else 120
-FLOOD_TASKS = 5000 if FULL else 1000
+PAIR_TASKS = 150 if FULL else 60
+FAULT_TASKS = 200 if FULL else 90
+RESTART_TASKS = 200 if FULL else 80
+FLOOD_TASKS = 5000 if FULL else 600
 
 
 def _tasks(prefix: str, n: int, docstrings: list[str], *, chars: int = 300) -> list[tuple[bytes, dict[str, str]]]:
@@ -60,7 +60,7 @@ def _results(store: GCSStore) -> str:
 
 def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStore, tmp_path: Path,
                                                  docstrings: list[str]) -> None:
-    # Given 500 tasks (100 in the light run) and a worker SIGKILLed at three random moments mid-batch
+    # Given 500 tasks (60 in the light run) and a worker SIGKILLed at three random moments mid-batch
     topic, subscription = new_topic(TEST_PROJECT)
     # Texts of a few hundred tokens keep each engine call to a few dozen tasks, so the kills land
     # mid-run; the kill points are drawn from the first three quarters of the run.
@@ -131,7 +131,7 @@ def test_sigterm_exits_within_10s_and_the_rest_is_redelivered(pubsub_emulator, s
 
 def test_two_workers_and_duplicate_publishes_give_one_result_per_task(pubsub_emulator, store: GCSStore,
                                                                       tmp_path: Path, docstrings: list[str]) -> None:
-    # Given two workers on one subscription and 150 tasks (100 in the light run) each published twice
+    # Given two workers on one subscription and 150 tasks (60 in the light run) each published twice
     topic, subscription = new_topic(TEST_PROJECT)
     workers = [WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / f"w{i}.log")
                for i in range(2)]
@@ -166,7 +166,7 @@ def test_storage_faults_are_retried_and_nothing_is_lost(pubsub_emulator, storage
                                env={"STORAGE_EMULATOR_HOST": proxy.url})
         try:
             worker.wait_ready()
-            # When 200 tasks (120 in the light run) run through the worker, which reads and writes
+            # When 200 tasks (90 in the light run) run through the worker, which reads and writes
             # through the proxy
             publish_raw(topic, _tasks("fault", FAULT_TASKS, docstrings))
             missing = wait_for(store, [f"adhoc/fault-{i}.json" for i in range(FAULT_TASKS)], timeout=300)
@@ -184,7 +184,7 @@ def test_storage_faults_are_retried_and_nothing_is_lost(pubsub_emulator, storage
 
 def test_broker_restart_mid_run_the_worker_reconnects_and_finishes(tmp_path: Path, store: GCSStore,
                                                                    docstrings: list[str]) -> None:
-    # Given a worker pulling from an emulator of its own, with 200 tasks (120 in the light run) published
+    # Given a worker pulling from an emulator of its own, with 200 tasks (80 in the light run) published
     port = free_port()
     project = "restart-project"
     emulator = PubSubEmulator(project=project, port=port).start()
@@ -224,7 +224,7 @@ def test_broker_restart_mid_run_the_worker_reconnects_and_finishes(tmp_path: Pat
 
 
 def test_flood_of_5000_tasks_keeps_memory_bounded(pubsub_emulator, store: GCSStore, tmp_path: Path) -> None:
-    # Given 5,000 tasks (1,000 in the light run) queued before the worker starts, and flow control of
+    # Given 5,000 tasks (600 in the light run) queued before the worker starts, and flow control of
     # 100 messages in flight
     topic, subscription = new_topic(TEST_PROJECT, ack_deadline_seconds=60)
     publish_raw(topic, [(json.dumps({"task_id": f"flood-{i}", "kind": "embed",
