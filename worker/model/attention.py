@@ -7,16 +7,11 @@ cache once per query head, every step. For one position it already avoids that b
 query heads into the query axis (`pack_gqa`). `packed_sdpa` does the same fold for any number of positions:
 queries (batch, heads, q, dim) become (batch, kv_heads, group * q, dim), the mask is tiled to
 match, and one SDPA call attends to the cache as stored. Each position gets what a call of that
-position alone gets to fp32 rounding (`tests/worker/model/test_attention.py`). Bit for bit it
-depends on the CPU, for this path and transformers' alike: on an AVX2 AMD EPYC this one matched
-the one-position call for 1-16 positions and transformers' differed for 2 and 3; on an AVX-512
-Xeon this one differed from 3 positions on (by up to 1.8e-6) and transformers' from 11. The
-linear layers are no more exact (a row of a 116-row call and of a 29-row call differ in the last
-bits there), so a step that verifies drafts agrees with one-token steps to rounding, and the
-greedy tokens are checked token for token instead (tests/worker/test_decode.py, the bench). On
-the AVX2 machine a step's attention of 29 rows x 4 positions over 500 columns took 5.4 ms a layer
-against 8.2 ms, and the 64 bench prompts' generation 77.5 / 75.9 s against 84.1 / 84.6 s; on the
-AVX-512 one 2.2 ms against 2.4 ms (docs/PERFORMANCE.md).
+position alone gets to fp32 rounding (`tests/worker/model/test_attention.py`); bit for bit depends
+on the CPU, for this path and transformers' alike, as it does for the linear layers across call
+sizes, so a step that verifies drafts agrees with one-token steps to rounding and the greedy tokens
+are checked token for token (tests/worker/test_decode.py, the bench). Figures per CPU, and what
+was measured against it: docs/PERFORMANCE.md, "Packed grouped-query attention".
 
 `use_packed_attention(model)` registers it under `PACKED` (with SDPA's masks) and switches the
 model to it; calls it does not fold (no mask, one kv head per query head, a bias, dropout) go to

@@ -1,8 +1,8 @@
 """Grouped-query attention without repeating the cache (worker/model/attention.py): on the real
 model's attention layers, a masked call of several query positions folds the query heads into the
 query axis, and each position gets what a call of that position alone gets (the one-token decode
-step `generate` takes) to fp32 rounding, as transformers' own SDPA function does. Bit for bit is
-the CPU's affair (worker/model/attention.py): this test holds on every CPU."""
+step `generate` takes) to fp32 rounding, as transformers' own SDPA function does. Bit for bit
+depends on the CPU (worker/model/attention.py), so the test asks for rounding only."""
 from __future__ import annotations
 
 import torch
