@@ -32,6 +32,7 @@ PAIR_TASKS = 150 if FULL else 60
 FAULT_TASKS = 200 if FULL else 90
 RESTART_TASKS = 200 if FULL else 80
 FLOOD_TASKS = 5000 if FULL else 600
+SETTLE_S = 2.0  # the crash test: how long a successor has been pulling when the kill lands
 
 
 def _tasks(prefix: str, n: int, docstrings: list[str], *, chars: int = 300) -> list[tuple[bytes, dict[str, str]]]:
@@ -63,16 +64,23 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
     # Given 500 tasks (60 in the light run) and a worker SIGKILLed at three random moments mid-batch
     topic, subscription = new_topic(TEST_PROJECT)
     # Texts of a few hundred tokens keep each engine call to a few dozen tasks, so the kills land
-    # mid-run; the kill points are drawn from the first three quarters of the run.
+    # mid-run. One kill point is drawn from each sixth of the run after its first tenth, so the last
+    # falls by 60% of it: the worker killed last has done part of its share while the final worker
+    # started, and a last point drawn near the end could find every task done (a draw of 35, 39 and
+    # 43 out of 60 did once).
     long_texts = [d for d in docstrings if len(d) >= 800]
     publish_raw(topic, _tasks("crash", CRASH_TASKS, long_texts, chars=800))
     rng, kills = random.Random(500), []
-    points = sorted(rng.sample(range(CRASH_TASKS // 10, CRASH_TASKS * 3 // 4), 3))
+    sixth = CRASH_TASKS // 6
+    points = [rng.randrange(CRASH_TASKS // 10 + k * sixth, CRASH_TASKS // 10 + (k + 1) * sixth) for k in range(3)]
     # Each worker's successor is started as soon as it takes over and is pulling (idle: the running
     # worker holds every task's lease) when the kill lands, as a replacement instance would be. The
     # emulator hands a dead worker's tasks at once to a stream open when their leases run out; to
     # one opened later, only after a further 15-20 s (a development timing), which would make this
-    # test wait, not work.
+    # test wait, not work. Nor is a stream served at once when it opened just as the kill landed
+    # (a development script, 8 trials: a stream opened at the kill got 4 of 10 tasks in 300 s, the
+    # first after 50 s; one opened 0.5-5 s before got them 4-9 s after it), so each kill waits until
+    # its successor has been pulling for SETTLE_S.
     def start(name: str) -> WorkerProcess:
         return WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / f"{name}.log")
 
@@ -83,7 +91,9 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
         for k, point in enumerate(points):
             successor = start(f"w{k + 1}" if k < 2 else "final")
             successor.wait_ready()
+            pulling = time.monotonic()
             wait_for_count(store, point, timeout=120)
+            time.sleep(max(0.0, pulling + SETTLE_S - time.monotonic()))
             worker.stop(signal.SIGKILL)
             kills.append(count_results(store))
             worker, successor = successor, None

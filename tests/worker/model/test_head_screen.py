@@ -379,11 +379,16 @@ def test_the_screen_is_built_once_greedy_work_has_earned_it_and_only_where_it_ap
 
     # Given a fresh engine over the session's model
     engine = Engine(loaded_model, max_input_tokens=512, token_budget=1024, max_batch_size=8, max_new_tokens=8)
-    # When it warms up and answers a short greedy prompt, it has no screen while the full layer's
-    # time (counted) is short of what building one costs (the bar set out of reach here: a loaded
-    # machine can stretch these few rows past the real 1.5 s); sampled rows are not counted at all
-    monkeypatch.setattr(decode, "SCREEN_AFTER_S", 1e9)
+    # When it warms up, the warm-up's rows neither count towards the screen nor build it, even with
+    # the bar at nothing (a slow first call beside a busy process must not spend the start on it)
+    monkeypatch.setattr(decode, "SCREEN_AFTER_S", 0.0)
     engine.warm_up()
+    assert engine.decoder.full_layer_s == 0 and engine.decoder.screen_trial is None and engine.decoder._screen is None
+    assert engine.decoder.screen_wanted and engine.decoder.full_rows >= 2
+    # and when it answers a short greedy prompt, it has no screen while the full layer's time
+    # (counted) is short of what building one costs (the bar set out of reach here: a loaded machine
+    # can stretch these few rows past the real 1.5 s); sampled rows are not counted at all
+    monkeypatch.setattr(decode, "SCREEN_AFTER_S", 1e9)
     engine.generate(["The sky is"], max_new_tokens=4)
     spent, full = engine.decoder.full_layer_s, engine.decoder.full_rows
     engine.generate(["The sky is"], max_new_tokens=2, temperature=0.7, seed=1)
