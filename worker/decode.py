@@ -319,6 +319,18 @@ class Decoder:
         return out
 
     @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """While open, the full output layer's time is not greedy work: it neither counts towards the
+        screen (`SCREEN_AFTER_S`) nor builds it, and a built screen is not used. For the engine's
+        warm-up, whose first calls can be slow beside a busy process (a start once built and timed
+        the screen there, 14 s of a 27 s start)."""
+        wanted, self.screen_wanted = self.screen_wanted, False
+        try:
+            yield
+        finally:
+            self.screen_wanted = wanted
+
+    @contextlib.contextmanager
     def stashing(self) -> Iterator[None]:
         """While open, the output layer's forward computes nothing: it keeps the final hidden state
         of each row's last position (`stashed`) and hands back placeholder logits, 0 for every word,

@@ -135,18 +135,13 @@ class Engine:
         return self.model.hidden_size
 
     def warm_up(self) -> float:
-        """One tiny embed and generate, so the first real batch does not pay for lazy set-up. The
-        warm-up's time in the full output layer is not greedy work: it neither counts towards the
-        greedy head's screen (decode.SCREEN_AFTER_S) nor builds it, however slow the first calls are
-        (a start beside a busy worker once built and timed the screen here, 14 s of a 27 s start)."""
+        """One tiny embed and generate, so the first real batch does not pay for lazy set-up; the
+        generate is not greedy work towards the head's screen (`Decoder.uncounted`)."""
         started = time.monotonic()
         self.embed(["warm up"])
         if self.decoder is not None:
-            wanted, self.decoder.screen_wanted = self.decoder.screen_wanted, False
-            try:
+            with self.decoder.uncounted():
                 self.generate(["warm up"], max_new_tokens=2)
-            finally:
-                self.decoder.screen_wanted = wanted
         return time.monotonic() - started
 
     # ---- pre -------------------------------------------------------------------------
