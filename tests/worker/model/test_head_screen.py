@@ -305,12 +305,19 @@ def test_each_cpu_gets_the_screen_it_runs_fastest(engine: Engine, bf16: float, i
                                                   kind: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     from worker.model import head_screen as module
 
-    # Given this machine's real probes of bf16 and of fbgemm's int8 against fp32 on a slice of the layer
-    real = {"bf16": module.bf16_speedup(engine.decoder.head), "int8": module.int8_speedup(engine.decoder.head)}
-    assert module.int8_applies() and min(real.values()) > 0
+    # Given this machine's real probes of bf16 and of fbgemm's int8 against fp32 on a slice of the
+    # layer, each recorded as choose_kind takes it (two separate probes of kernels within 25% of each
+    # other can rank them either way on a busy machine, so the choice is held to the figures it saw)
+    real: dict[str, float] = {}
+    for name in ("bf16", "int8"):
+        probe = getattr(module, f"{name}_speedup")
+        monkeypatch.setattr(module, f"{name}_speedup",
+                            lambda head, probe=probe, name=name, **kw: real.setdefault(name, probe(head, **kw)))
+    chosen = module.choose_kind(engine.decoder.head)
+    assert module.int8_applies() and set(real) == {"bf16", "int8"} and min(real.values()) > 0
     fastest = max(real, key=real.__getitem__)
-    if real[fastest] > 1.25 * module.FASTER and real[fastest] > 1.25 * min(real.values()):  # clear of noise
-        assert module.choose_kind(engine.decoder.head) == fastest
+    assert chosen == (fastest if real[fastest] >= module.FASTER else "int4" if module.int4_applies(engine.decoder.head)
+                      else None), real
     # When a CPU's probes give these speed-ups (patched: one machine has only one kind of CPU;
     # None: fbgemm's engine is not this build's)
     monkeypatch.setattr(module, "bf16_speedup", lambda head, rounds=3, table=None: bf16)
