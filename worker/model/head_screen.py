@@ -71,6 +71,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -300,16 +301,22 @@ class Int8Screen:
         # the layer's own fp32 rows (shared, not copied)
         self.source = rows_of(head, table)
         words, self.width = self.source.shape
-        self.packed = []
-        residual, norm = 0.0, 0.0
-        with torch.no_grad():
-            for start in range(0, words, INT8_BLOCK):
+
+        def pack(start: int) -> tuple[object, float, float]:
+            with torch.no_grad():
                 rows = self.source.block(start, start + INT8_BLOCK)
                 packed, values = int8_pack(rows)
-                self.packed.append(packed)
-                residual = max(residual, float(torch.linalg.vector_norm(values - rows, dim=1).max()))
-                norm = max(norm, float(torch.linalg.vector_norm(values, dim=1).max()))
-        self.largest_residual, self.largest_norm = residual, norm
+                return (packed, float(torch.linalg.vector_norm(values - rows, dim=1).max()),
+                        float(torch.linalg.vector_norm(values, dim=1).max()))
+
+        # fbgemm's packing runs on one core and releases the GIL: one block per thread (a development
+        # timing on 2 cores: the real 262,144-word layer, read from its int8 word table, took 3.1 s
+        # to build against 4.8 s one block at a time)
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            blocks = list(pool.map(pack, range(0, words, INT8_BLOCK)))
+        self.packed = [packed for packed, _, _ in blocks]
+        self.largest_residual = max(residual for _, residual, _ in blocks)
+        self.largest_norm = max(norm for _, _, norm in blocks)
 
     @staticmethod
     def scaled(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
