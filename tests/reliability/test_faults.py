@@ -92,7 +92,10 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
             successor = start(f"w{k + 1}" if k < 2 else "final")
             successor.wait_ready()
             pulling = time.monotonic()
-            wait_for_count(store, point, timeout=120)
+            # the kill lands at its point, and not before the worker has written a result since it
+            # took over: it then holds a batch (a worker left waiting for the emulator to hand back
+            # its predecessor's tasks was once killed holding none, at 37, 37)
+            wait_for_count(store, max(point, kills[-1] + 1 if kills else 1), timeout=300)
             time.sleep(max(0.0, pulling + SETTLE_S - time.monotonic()))
             worker.stop(signal.SIGKILL)
             kills.append(count_results(store))
@@ -108,6 +111,7 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
     assert not missing, f"{len(missing)} missing"
     _assert_exactly_one_valid_result_each(store, "crash", CRASH_TASKS)
     assert kills[-1] < CRASH_TASKS, "the kills came too late to test anything"
+    assert all(b > a for a, b in zip([0, *kills], kills)), f"a worker was killed before it did any work: {kills}"
     record("crash", tasks=CRASH_TASKS, sigkills=3, results_at_each_kill=kills, results=CRASH_TASKS, lost=0,
            duplicates=0)
 
