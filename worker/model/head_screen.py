@@ -312,7 +312,7 @@ class Int8Screen:
         # fbgemm's packing runs on one core and releases the GIL: one block per thread (a development
         # timing on 2 cores: the real 262,144-word layer, read from its int8 word table, took 3.1 s
         # to build against 4.8 s one block at a time)
-        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        with ThreadPoolExecutor(torch.get_num_threads()) as pool:
             blocks = list(pool.map(pack, range(0, words, INT8_BLOCK)))
         self.packed = [packed for packed, _, _ in blocks]
         self.largest_residual = max(residual for _, residual, _ in blocks)
