@@ -11,7 +11,7 @@ generation and continuous batching against fixed waves (bench/generation.py), th
 screens against the full output layer (bench/head.py), embedding and
 embedding with --compile against eager
 (bench/embedding.py), pipeline efficiency, cold start and memory (bench/pipeline.py), and the
-lossy int8 and int4 modes against fp32 (bench/quantized.py; the generation section also times
+lossy int8, int4 and bf16 modes against fp32 (bench/quantized.py; the generation section also times
 int4 beside the exact engine and llama.cpp). Prints
 one table per section and a verdict per target; writes all figures as JSON to
 bench/results/peers-<time>.json (or --json PATH)."""
@@ -33,7 +33,7 @@ from worker.engine import build_engine
 from worker.settings import EMBEDDED_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("generation", "refill", "head", "embedding", "compile", "pipeline", "int8", "int4")
+SECTIONS = ("generation", "refill", "head", "embedding", "compile", "pipeline", "int8", "int4", "bf16")
 FULL = {"prompts": 64, "head_prompts": 16, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000, "int8_texts": 500, "int8_prompts": 16}
 QUICK = {"prompts": 16, "head_prompts": 4, "naive_every": 4, "texts": 300, "pipeline_texts": 300, "int8_texts": 100, "int8_prompts": 4}
 
@@ -92,6 +92,8 @@ def targets(results: dict[str, Any]) -> list[list[Any]]:
     add("  the same, counting attention", e.get("compute_floor", {}).get("fraction_reached_with_attention"),
         0.85, fmt=".2f")
     add("embedding share of compute floor, --compile", c.get("fraction_reached"), 0.85, fmt=".2f")
+    b = results.get("bf16", {}).get("embed_share_of_floor", {})
+    add("embedding share of compute floor, --quantize bf16 (lossy; 500 texts)", b.get("bf16"), 0.85, fmt=".2f")
     add("  the same, counting attention", c.get("fraction_reached_with_attention"), 0.85, fmt=".2f")
     add("pipeline efficiency", p.get("efficiency"), 0.90, fmt=".2f")
     add("cold start, s", p.get("cold_start_s"), 10.0, fmt=".1f", at_most=True)
@@ -148,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  quantized.render),
         "int4": (lambda: quantized.measure(engine, settings, texts=sizes["int8_texts"], prompts=sizes["int8_prompts"],
                                            mode="int4", process_prompts=sizes["prompts"]),
+                 quantized.render),
+        "bf16": (lambda: quantized.measure(engine, settings, texts=sizes["int8_texts"], prompts=sizes["int8_prompts"],
+                                           mode="bf16", process_prompts=sizes["prompts"]),
                  quantized.render),
     }
     for name in SECTIONS:

@@ -1,6 +1,7 @@
-"""A lossy opt-in (`--quantize int8` or `int4`, CPU) against the exact fp32 engine, in one process
-on the same inputs: its speed-up and its quality cost (embedding cosine to the fp32 vectors; greedy
-outputs identical token for token, and the share of tokens before the first difference)."""
+"""A lossy opt-in (`--quantize int8`, `int4` or `bf16`, CPU) against the exact fp32 engine, in one
+process on the same inputs: its speed-up and its quality cost (embedding cosine to the fp32 vectors;
+greedy outputs identical token for token, and the share of tokens before the first difference), and
+the share of the fp32 compute floor (bench/embedding.py) each embedding run reaches."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -9,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from bench import generation, rss
-from bench.common import embed_texts, table, timed
+from bench.common import embed_texts, flops_per_token, table, timed
+from bench.embedding import floor_rate
 from worker.engine import Engine, build_engine
 from worker.settings import Settings
 
@@ -23,8 +25,11 @@ def measure(engine: Engine, settings: Settings, *, texts: int, prompts: int, max
     items = generation.prompts(engine, prompts)
     for e in (engine, lossy):  # warm
         e.embed(docs[:8], truncate=True)
+    tokens = sum(len(t.ids) for t in engine.tokenize(docs, truncate=True, what="text"))
+    rate_before = floor_rate(engine)
     exact_embed = timed(lambda: engine.embed(docs, truncate=True).vectors)
     lossy_embed = timed(lambda: lossy.embed(docs, truncate=True).vectors)
+    floor = tokens * flops_per_token(engine) / ((rate_before + floor_rate(engine)) / 2)
     exact_gen = timed(lambda: engine.generate_tokenized(items, max_new_tokens=max_new_tokens))
     lossy_gen = timed(lambda: lossy.generate_tokenized(items, max_new_tokens=max_new_tokens))
     cos = np.sum(exact_embed.value * lossy_embed.value, axis=1)
@@ -37,6 +42,8 @@ def measure(engine: Engine, settings: Settings, *, texts: int, prompts: int, max
     return {"mode": mode, "texts": texts, "prompts": prompts, "max_new_tokens": max_new_tokens,
             "embed_seconds": {"fp32": exact_embed.seconds, mode: lossy_embed.seconds},
             "embed_speedup": exact_embed.seconds / lossy_embed.seconds,
+            "embed_floor_seconds": floor,
+            "embed_share_of_floor": {"fp32": floor / exact_embed.seconds, mode: floor / lossy_embed.seconds},
             "embed_cosine": {"mean": float(cos.mean()), "min": float(cos.min()), "p10": float(np.percentile(cos, 10))},
             "generate_tokens_per_s": {"fp32": out_tokens[0] / exact_gen.seconds, mode: out_tokens[1] / lossy_gen.seconds},
             "generate_speedup": (out_tokens[1] / lossy_gen.seconds) / (out_tokens[0] / exact_gen.seconds),
@@ -50,6 +57,8 @@ def render(r: dict[str, Any]) -> str:
             f"{r['max_new_tokens']} new tokens\n"
             + table(["measure", "fp32", mode, f"{mode} is"], [
                 ["embed seconds", r["embed_seconds"]["fp32"], r["embed_seconds"][mode], f"{r['embed_speedup']:.2f}x faster"],
+                *([["embed, share of the fp32 compute floor", f"{f['fp32']:.0%}", f"{f[mode]:.0%}", ""]]
+                  if (f := r.get("embed_share_of_floor")) else []),
                 ["generate tokens/s", g["fp32"], g[mode], f"{r['generate_speedup']:.2f}x faster"],
                 *([[f"fresh process, {m['prompts']} prompts: build s", m["fp32"]["build_s"], m[mode]["build_s"], ""],
                    [f"fresh process, {m['prompts']} prompts: peak RSS, GB", m["fp32"]["peak_rss_bytes"] / 1e9, m[mode]["peak_rss_bytes"] / 1e9, ""]]

@@ -35,15 +35,15 @@ class Settings:
     max_lease_s: int = 900
     lease_extension_s: int = 10
     drain_s: float = 6.0
-    quantize: str | None = None  # "int8" or "int4": lossy; see worker/model/loader.quantize
+    quantize: str | None = None  # "int8", "int4" or "bf16" (CPU): lossy; see worker/model/loader.quantize
     result_cache: bool = True  # answer identical greedy or seeded tasks from the results store's _cache/
     compile: bool = False  # torch.compile the embedding forward pass; see engine.Engine.compile_embedding
     head_screen: bool = True  # greedy head through a bf16, int8 or int4 screen on CPU; see worker/model/head_screen.py
     drafts: bool = True  # greedy rows verify prompt-lookup drafts, several tokens a step; see worker/decode.py
 
     def __post_init__(self) -> None:
-        if self.quantize not in (None, "int8", "int4"):
-            raise ValueError(f"quantize must be int8, int4 or unset, got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "int4", "bf16"):
+            raise ValueError(f"quantize must be int8, int4, bf16 or unset, got {self.quantize!r}")
         if self.compile and self.quantize is not None:
             raise ValueError("compile and quantize cannot be combined: choose one")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -71,6 +71,24 @@ def test_the_lossy_int4_ratio_is_a_row_of_its_own() -> None:
     assert [r[3] for r in rows] == ["NO", "yes"]
 
 
+def test_the_lossy_bf16_share_of_the_floor_is_a_row_of_its_own_and_rendered() -> None:
+    from bench.quantized import render
+
+    r = {"mode": "bf16", "texts": 500, "prompts": 16, "max_new_tokens": 64,
+         "embed_seconds": {"fp32": 60.0, "bf16": 40.0}, "embed_speedup": 1.5, "embed_floor_seconds": 36.0,
+         "embed_share_of_floor": {"fp32": 0.6, "bf16": 0.9},
+         "embed_cosine": {"mean": 0.99999, "min": 0.99993, "p10": 0.99998},
+         "generate_tokens_per_s": {"fp32": 40.0, "bf16": 46.0}, "generate_speedup": 1.15,
+         "greedy_identical": 15, "greedy_mean_shared_prefix": 0.96}
+    rows = targets({"embedding": {"compute_floor": {"fraction_reached": 0.7}}, "bf16": r})
+    assert [(row[0], row[3]) for row in rows if "floor" in row[0]] == [
+        ("embedding share of compute floor", "NO"),
+        ("embedding share of compute floor, --quantize bf16 (lossy; 500 texts)", "yes")]
+    text = render(r)
+    assert "BF16 (--quantize bf16, lossy)" in text and "embed, share of the fp32 compute floor" in text
+    assert "60%" in text and "90%" in text and "min 0.9999;" in text and "identical 15 of 16" in text
+
+
 def test_text_agreement_counts_identical_outputs_and_the_shared_share() -> None:
     from bench.generation import text_agreement
 

@@ -111,16 +111,17 @@ class Int4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
 
 
-def kernel_against_fp32(*, rows: int = 256, shape: tuple[int, int] = (2048, 640), rounds: int = 3) -> tuple[float, float]:
-    """Seconds (best of `rounds`) the int4 kernel and fp32 `linear` take for one layer of the
-    given (out, in) shape over `rows` rows: which is faster depends on the CPU. On the AVX2 machine
-    of docs/PERFORMANCE.md the int4 kernel won on every layer shape; on an AVX-512/AMX machine it
-    took 5.7 ms against 3.1 ms at these defaults."""
+def kernel_against_fp32(*, rows: int = 256, shape: tuple[int, int] = (2048, 640), rounds: int = 3,
+                        make: Any = None) -> tuple[float, float]:
+    """Seconds (best of `rounds`) a cheaper layer (`make(linear)`, by default the int4 kernel's
+    `Int4Linear`) and fp32 `linear` take for one layer of the given (out, in) shape over `rows` rows:
+    which is faster depends on the CPU. On the AVX2 machine of docs/PERFORMANCE.md the int4 kernel
+    won on every layer shape; on an AVX-512/AMX machine it took 5.7 ms against 3.1 ms at these defaults."""
     generator = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(shape[1], shape[0], bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(shape, generator=generator) * 0.05)
-    quantized = Int4Linear(layer)
+    quantized = (make or Int4Linear)(layer)
     x = torch.randn(rows, shape[1], generator=generator)
 
     def best(run: Any) -> float:
@@ -136,12 +137,14 @@ def kernel_against_fp32(*, rows: int = 256, shape: tuple[int, int] = (2048, 640)
         return best(lambda: quantized(x)), best(lambda: torch.nn.functional.linear(x, layer.weight))
 
 
-def slower_than_fp32_warning(int4_s: float, fp32_s: float) -> str | None:
-    """What to tell a user whose CPU runs the int4 kernel no faster than fp32 (None otherwise)."""
+def slower_than_fp32_warning(int4_s: float, fp32_s: float, *, mode: str = "int4", kernel: str = "its kernel",
+                             why: str = "") -> str | None:
+    """What to tell a user whose CPU runs a lossy mode's kernel (by default int4's) no faster than
+    fp32 (None otherwise); `why` adds a reason after the figures."""
     if int4_s < fp32_s:
         return None
-    return (f"--quantize int4 is lossy and, on this CPU, no faster: its kernel took {int4_s * 1000:.1f} ms for a "
-            f"256-row layer that fp32 ran in {fp32_s * 1000:.1f} ms, so the exact engine is likely faster here "
+    return (f"--quantize {mode} is lossy and, on this CPU, no faster: {kernel} took {int4_s * 1000:.1f} ms for a "
+            f"256-row layer that fp32 ran in {fp32_s * 1000:.1f} ms{why}, so the exact engine is likely faster here "
             "(docs/PERFORMANCE.md)")
 
 

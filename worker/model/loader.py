@@ -148,19 +148,41 @@ def fuse_norms(root: torch.nn.Module) -> int:
 
 
 def quantize(loaded: LoadedModel, mode: str) -> LoadedModel:
-    """A lossy mode asked for by name (`int8` or `int4`). On CUDA, weight-only quantization of the
-    body's linear layers through torchao (int8 per row; int4 in groups of 128 on the tinygemm
+    """A lossy mode asked for by name (`int8`, `int4` or `bf16`). On CUDA, weight-only quantization
+    of the body's linear layers through torchao (int8 per row; int4 in groups of 128 on the tinygemm
     kernel), so a larger Gemma fits the card with room for batches; the output layer, tied to the
     input embedding, stays in the model's dtype. On CPU, `int8` is PyTorch's dynamic quantization
-    (`quantize_int8`) and `int4` PyTorch's own int4 CPU kernel over every linear layer, the output
-    layer included (`quantize_int4_cpu`)."""
-    if mode not in ("int8", "int4"):
-        raise ModelSourceError(f"quantize must be int8 or int4, got {mode!r}")
+    (`quantize_int8`), `int4` PyTorch's own int4 CPU kernel over every linear layer, the output
+    layer included (`quantize_int4_cpu`), and `bf16` the body's linear layers on bf16 weights
+    (`quantize_bf16_cpu`)."""
+    if mode not in ("int8", "int4", "bf16"):
+        raise ModelSourceError(f"quantize must be int8, int4 or bf16, got {mode!r}")
+    if mode == "bf16":
+        return quantize_bf16_cpu(loaded)
     if loaded.placement.device.type == "cuda":
         return quantize_weight_only(loaded, mode)
     if mode == "int4":
         return quantize_int4_cpu(loaded)
     return quantize_int8(loaded)
+
+
+def quantize_bf16_cpu(loaded: LoadedModel) -> LoadedModel:
+    """CPU bf16 (`worker/model/bf16.py`): the body's linear layers on bf16 weights, activations
+    rounded to bf16 on the way in and back to fp32 on the way out; the output layer stays fp32 (so
+    the greedy head's screens and word table apply as in fp32). Warns where this CPU multiplies bf16
+    no faster than fp32."""
+    if loaded.placement.device.type != "cpu":
+        raise ModelSourceError(f"quantize=bf16 is for CPU: on {loaded.placement.device} the model already runs in "
+                               f"{str(loaded.placement.dtype).removeprefix('torch.')}")
+    from worker.model import bf16, int4
+
+    warning = bf16.slower_than_fp32_warning(*int4.kernel_against_fp32(make=bf16.Bf16Linear))
+    if warning:
+        log.warning(warning)
+    root, head = _root_and_head(loaded)
+    if bf16.quantize_model(root, skip=head) == 0:
+        raise ModelSourceError(f"quantize=bf16: {loaded.name} has no fp32 linear layer in its body")
+    return replace(loaded, name=f"{loaded.name}+bf16")
 
 
 def quantize_int4_cpu(loaded: LoadedModel) -> LoadedModel:

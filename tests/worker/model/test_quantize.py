@@ -54,7 +54,7 @@ def test_int8_answers_are_close_to_fp32_but_not_identical(int8_engine: Engine, e
 
 def test_quantize_accepts_only_known_modes() -> None:
     assert Settings(quantize="int4").quantize == "int4"
-    with pytest.raises(ValueError, match="quantize must be int8, int4 or unset"):
+    with pytest.raises(ValueError, match="quantize must be int8, int4, bf16 or unset"):
         Settings(quantize="int2")
 
 
