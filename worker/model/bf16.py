@@ -42,16 +42,9 @@ class Bf16Linear(torch.nn.Module):
 def quantize_model(root: torch.nn.Module, *, skip: torch.nn.Module | None = None) -> int:
     """Replace every fp32 `nn.Linear` under `root` but `skip` (the output layer) with a `Bf16Linear`;
     returns how many were replaced. Each fp32 weight read from the memory-mapped checkpoint has its
-    pages released once copied (`int4.release_file_pages`)."""
-    targets = [(name, module) for name, module in root.named_modules()
-               if type(module) is torch.nn.Linear and module is not skip and module.weight.dtype == torch.float32]
-    mapped = int4.file_ranges()
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, child, Bf16Linear(module))
-        int4.release_file_pages(module.weight, mapped)
-    return len(targets)
+    pages released once copied (`int4.replace_linears`)."""
+    return int4.replace_linears(root, lambda module: (type(module) is torch.nn.Linear and module is not skip
+                                                      and module.weight.dtype == torch.float32), Bf16Linear)
 
 
 def slower_than_fp32_warning(bf16_s: float, fp32_s: float) -> str | None:

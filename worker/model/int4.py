@@ -137,13 +137,13 @@ def kernel_against_fp32(*, rows: int = 256, shape: tuple[int, int] = (2048, 640)
         return best(lambda: quantized(x)), best(lambda: torch.nn.functional.linear(x, layer.weight))
 
 
-def slower_than_fp32_warning(int4_s: float, fp32_s: float, *, mode: str = "int4", kernel: str = "its kernel",
+def slower_than_fp32_warning(kernel_s: float, fp32_s: float, *, mode: str = "int4", kernel: str = "its kernel",
                              why: str = "") -> str | None:
     """What to tell a user whose CPU runs a lossy mode's kernel (by default int4's) no faster than
     fp32 (None otherwise); `why` adds a reason after the figures."""
-    if int4_s < fp32_s:
+    if kernel_s < fp32_s:
         return None
-    return (f"--quantize {mode} is lossy and, on this CPU, no faster: {kernel} took {int4_s * 1000:.1f} ms for a "
+    return (f"--quantize {mode} is lossy and, on this CPU, no faster: {kernel} took {kernel_s * 1000:.1f} ms for a "
             f"256-row layer that fp32 ran in {fp32_s * 1000:.1f} ms{why}, so the exact engine is likely faster here "
             "(docs/PERFORMANCE.md)")
 
@@ -153,13 +153,18 @@ def quantize_model(root: torch.nn.Module) -> int:
     `Int4Linear`; returns how many were replaced. Layers the kernel cannot take stay as they are.
     Each fp32 weight read from the memory-mapped checkpoint has its pages released once quantized
     (`release_file_pages`), so quantizing does not leave the whole checkpoint resident."""
-    targets = [(name, module) for name, module in root.named_modules()
-               if isinstance(module, torch.nn.Linear) and supported(module)]
+    return replace_linears(root, lambda module: isinstance(module, torch.nn.Linear) and supported(module), Int4Linear)
+
+
+def replace_linears(root: torch.nn.Module, select: Any, make: Any) -> int:
+    """Replace every module under `root` that `select(module)` picks with `make(module)`, releasing
+    the replaced weight's checkpoint pages (`release_file_pages`); returns how many were replaced."""
+    targets = [(name, module) for name, module in root.named_modules() if select(module)]
     mapped = file_ranges()
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, child, Int4Linear(module))
+        setattr(parent, child, make(module))
         release_file_pages(module.weight, mapped)
     return len(targets)
 
