@@ -18,7 +18,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -73,21 +73,24 @@ DRAFT_NGRAM = 3
 
 class _SlotLayer(DynamicLayer):
     """One layer's keys and values in a buffer sized for the whole decode, written in place (no
-    concatenation per step, which would copy the whole cache every token)."""
+    concatenation per step, which would copy the whole cache every token). The buffer holds as many
+    rows as the batch may ever have (`Decoder._session`); its first `rows` are the live batch, so
+    rows leaving and joining rewrite it in place (`Decoder._rebuild`) rather than allocating anew."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, *, rows: int | None = None) -> None:
         super().__init__()
         self.keys_buf, self.values_buf, self.length = keys, values, length
+        self.rows = keys.shape[0] if rows is None else rows
         self.device = keys.device
         self.is_initialized = True
         # Where each row's next keys go (rows,), set by the decoder before every step: rows advance
         # by different numbers of tokens when drafts are verified.
-        self.write_at = torch.full((keys.shape[0],), length, dtype=torch.long, device=keys.device)
+        self.write_at = torch.full((self.rows,), length, dtype=torch.long, device=keys.device)
         self._expose()
 
     def _expose(self) -> None:
-        self.keys = self.keys_buf[:, :, : self.length]
-        self.values = self.values_buf[:, :, : self.length]
+        self.keys = self.keys_buf[: self.rows, :, : self.length]
+        self.values = self.values_buf[: self.rows, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +116,9 @@ class _SlidingSlotLayer(_SlotLayer):
 
     is_sliding = True
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, *, sliding_window: int) -> None:
-        super().__init__(keys, values, length)
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, *, sliding_window: int,
+                 rows: int | None = None) -> None:
+        super().__init__(keys, values, length, rows=rows)
         self.sliding_window = sliding_window
 
     @property
@@ -483,29 +487,42 @@ class Decoder:
         hidden = self._forward(ids, mask, positions, cache, 0)
         return Prefilled(rows=group, cache=cache, hidden=hidden, width=width, mask=mask)
 
-    def merge(self, groups: list[Prefilled], *, width: int, total: int) -> Cache:
+    def merge(self, groups: Iterable[Prefilled], *, width: int, total: int, rows: int | None = None) -> Cache:
         """One cache for all groups' rows (in the order of `groups`), right-aligned at `width` (the
-        widest group's), with room for `total` positions."""
-        batch = sum(len(g.rows) for g in groups)
+        widest group's), with room for `total` positions and `rows` rows (default: the groups'). Each
+        group's cache is freed as it is copied, and the next group is taken only then, so where
+        `groups` prefills as it goes (`_session`) one prefill cache at a time is held beside the
+        merged one, not all of them (about 0.55 GB for the first batch of the bench's 64 prompts,
+        docs/PERFORMANCE.md)."""
+        if rows is None:
+            groups = list(groups)
+            rows = sum(len(g.rows) for g in groups)
         window = sliding_window(self.config)
+        keys_bufs: list[torch.Tensor] = []
+        values_bufs: list[torch.Tensor] = []
+        sliding: list[bool] = []
+        batch = 0
+        for g in groups:
+            n = len(g.rows)
+            if not keys_bufs:  # shapes from the first group's layers
+                for layer in g.cache.layers:
+                    heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+                    keys_bufs.append(torch.zeros((rows, heads, total, dim), dtype=layer.keys.dtype, device=self.device))
+                    values_bufs.append(torch.zeros_like(keys_bufs[-1]))
+                    sliding.append(bool(getattr(layer, "is_sliding", False)))
+            if batch + n > rows:
+                raise ValueError(f"merging {batch + n} rows into a cache of {rows}")
+            for index, layer in enumerate(g.cache.layers):
+                keys_bufs[index][batch: batch + n, :, width - g.width: width] = layer.keys
+                values_bufs[index][batch: batch + n, :, width - g.width: width] = layer.values
+                layer.keys = layer.values = torch.empty(0, dtype=layer.keys.dtype, device=self.device)
+            batch += n
         layers: list[_SlotLayer] = []
-        for index, first in enumerate(groups[0].cache.layers):
-            heads, dim, first_dtype = first.keys.shape[1], first.keys.shape[3], first.keys.dtype
-            keys = torch.zeros((batch, heads, total, dim), dtype=first_dtype, device=self.device)
-            values = torch.zeros_like(keys)
-            start = 0
-            for g in groups:
-                layer = g.cache.layers[index]
-                n = len(g.rows)
-                keys[start: start + n, :, width - g.width: width] = layer.keys
-                values[start: start + n, :, width - g.width: width] = layer.values
-                # Freed as copied, so the prefill caches and the merged one are not all held at once.
-                layer.keys = layer.values = torch.empty(0, dtype=first_dtype, device=self.device)
-                start += n
-            if getattr(first, "is_sliding", False):
-                layers.append(_SlidingSlotLayer(keys, values, width, sliding_window=window or total + 1))
+        for keys, values, is_sliding in zip(keys_bufs, values_bufs, sliding):
+            if is_sliding:
+                layers.append(_SlidingSlotLayer(keys, values, width, sliding_window=window or total + 1, rows=batch))
             else:
-                layers.append(_SlotLayer(keys, values, width))
+                layers.append(_SlotLayer(keys, values, width, rows=batch))
         return Cache(layers=layers)
 
     def run(self, rows: Sequence[Sequence[int]], groups: list[list[int]], *, max_new_tokens: int,
@@ -561,14 +578,23 @@ class Decoder:
         prompt-lookup drafts with their token (`drafting` at least, 0 for sampled rows), so rows advance by different
         numbers of tokens a step: each row writes from its own column on (`ends`) under a mask
         built here, causal within the step's positions."""
-        prefilled = [self.prefill(rows, g) for g in first]
-        order = [i for g in prefilled for i in g.rows]  # batch row -> index into `rows`
-        width = max(g.width for g in prefilled)
+        order = [i for g in first for i in g]  # batch row -> index into `rows`
+        width = max(len(rows[i]) for i in order)  # the widest group's prefill width
         # columns of the cache: a row needs its prompt + new tokens, and room for a step's drafts
         total = width + max_new_tokens + slack + drafting
-        cache = self.merge(prefilled, width=width, total=total)
-        hidden = torch.cat([g.hidden for g in prefilled])[:, None, :]  # (rows, positions, hidden size)
-        del prefilled
+        last: list[torch.Tensor] = []
+
+        def prefilled() -> Iterator[Prefilled]:  # one group at a time, merged before the next
+            for g in first:
+                pre = self.prefill(rows, g)
+                last.append(pre.hidden)
+                yield pre
+
+        # rows for every row the batch may hold once waiting work joins (`capacity`), so rows
+        # leaving and joining rewrite the cache in place (`_rebuild`)
+        cache = self.merge(prefilled(), width=width, total=total, rows=max(capacity, len(order)) if pending else len(order))
+        hidden = torch.cat(last)[:, None, :]  # (rows, positions, hidden size)
+        del last
         mask = torch.zeros((len(order), total), dtype=torch.bool, device=self.device)  # columns holding a row's tokens
         for b, i in enumerate(order):
             mask[b, width - len(rows[i]): width] = True
@@ -720,27 +746,37 @@ class Decoder:
                  total: int, joining: list[tuple[Prefilled, list[int]]]) -> torch.Tensor:
         """Rebuild the batch's cache in place and return its new mask: only the `keep` rows, every
         column moved `shift` left, and the joining groups' rows appended, each prompt ending at the
-        (moved) current column."""
+        (moved) current column; every other column of those rows zero, as a new cache's. The buffers
+        are the session's own (`merge` sized them for the most rows it may hold), so nothing the
+        size of the cache is allocated: allocating a new one each time left the C heap holding freed
+        buffers of every size (RSS 0.3 GB higher after the bench's 64 prompts, docs/PERFORMANCE.md)."""
         added = sum(len(k) for _, k in joining)
+        kept = len(keep)
         end = column - shift
         for index, layer in enumerate(cache.layers):
             for name in ("keys_buf", "values_buf"):
-                old = getattr(layer, name)
-                buf = torch.zeros((len(keep) + added, *old.shape[1:]), dtype=old.dtype, device=old.device)
-                buf[: len(keep), :, :end] = old.index_select(0, keep)[:, :, shift:column]
-                row = len(keep)
+                buf = getattr(layer, name)
+                if kept + added > buf.shape[0]:
+                    raise ValueError(f"rebuilding {kept + added} rows into a cache of {buf.shape[0]}")
+                moved = buf[:, :, shift:column].index_select(0, keep)  # before any row is overwritten
+                buf[:kept, :, :end] = moved
+                del moved
+                buf[:kept, :, end:] = 0
+                row = kept
                 for pre, rows_kept in joining:
                     if rows_kept:
                         src = pre.cache.layers[index]
                         part = (src.keys if name == "keys_buf" else src.values)[rows_kept]
-                        buf[row: row + len(rows_kept), :, end - pre.width: end] = part
-                        row += len(rows_kept)
-                setattr(layer, name, buf)
+                        n = len(rows_kept)
+                        buf[row: row + n] = 0
+                        buf[row: row + n, :, end - pre.width: end] = part
+                        row += n
+            layer.rows = kept + added
             layer.length = end
             layer._expose()
-        new_mask = torch.zeros((len(keep) + added, total), dtype=mask.dtype, device=mask.device)
-        new_mask[: len(keep), :end] = mask.index_select(0, keep)[:, shift:column]
-        row = len(keep)
+        new_mask = torch.zeros((kept + added, total), dtype=mask.dtype, device=mask.device)
+        new_mask[:kept, :end] = mask.index_select(0, keep)[:, shift:column]
+        row = kept
         for pre, rows_kept in joining:
             for j in rows_kept:
                 new_mask[row, end - pre.width: end] = pre.mask[j]

@@ -314,3 +314,75 @@ def test_merging_moves_each_prefill_cache_into_the_merged_one_and_frees_it(engin
         assert torch.equal(layer.values[3:, :, width - second_w: width], second_v)
     # And the groups' own caches were released as they were copied (not held beside the merged one)
     assert all(layer.keys.numel() == 0 and layer.values.numel() == 0 for g in groups for layer in g.cache.layers)
+
+
+def test_merging_prefills_as_it_goes_holds_one_prefill_cache_beside_the_merged_one(engine: Engine,
+                                                                                    docstrings: list[str]) -> None:
+    # Given three prefill groups of real prompts, prefilled only as the merge asks for the next
+    decoder: Decoder = engine.decoder
+    rows = _prompts(engine, docstrings, 6, longest=120)
+    made: list = []
+    live_before_each: list[int] = []
+
+    def prefills():
+        for group in ([0, 1], [2, 3], [4, 5]):
+            # how many earlier groups still hold keys when this one is made
+            live_before_each.append(sum(1 for g in made if g.cache.layers[0].keys.numel()))
+            made.append(decoder.prefill(rows, group))
+            yield made[-1]
+
+    width = max(len(r) for r in rows)
+    with torch.inference_mode():
+        # When they are merged into a cache sized for eight rows (two more than they have)
+        merged = decoder.merge(prefills(), width=width, total=width + 8, rows=8)
+    # Then no group was prefilled while an earlier one still held its cache,
+    assert live_before_each == [0, 0, 0]
+    # and the merged cache exposes the six rows it holds, in a buffer of eight
+    layer = merged.layers[0]
+    assert layer.keys.shape[0] == 6 and layer.keys_buf.shape[0] == 8
+    assert layer.keys.shape[2] == width and layer.keys_buf.shape[2] == width + 8
+
+
+def test_rows_leaving_and_joining_rewrite_the_cache_in_place_as_a_new_one_would_hold_it(
+        engine: Engine, docstrings: list[str]) -> None:
+    # Given a merged cache of four real prompts in a buffer of six rows, whose columns past the
+    # prompts hold what decode steps wrote (random here), and a fifth prompt prefilled to join
+    decoder: Decoder = engine.decoder
+    rows = _prompts(engine, docstrings, 5, longest=120)
+    width = max(len(r) for r in rows[:4])
+    total = width + 16
+    with torch.inference_mode():
+        merged = decoder.merge([decoder.prefill(rows, [0, 1]), decoder.prefill(rows, [2, 3])],
+                               width=width, total=total, rows=6)
+        generator = torch.Generator().manual_seed(0)
+        for layer in merged.layers:
+            for buf in (layer.keys_buf, layer.values_buf):
+                buf[:4, :, width:width + 6] = torch.randn(buf[:4, :, width:width + 6].shape, generator=generator)
+            layer.length = width + 6
+            layer._expose()
+        before = [(layer.keys_buf.clone(), layer.values_buf.clone()) for layer in merged.layers]
+        pointers = [(layer.keys_buf.data_ptr(), layer.values_buf.data_ptr()) for layer in merged.layers]
+        joining = decoder.prefill(rows, [4])
+        joined = [(layer.keys.clone(), layer.values.clone()) for layer in joining.cache.layers]
+        mask = torch.zeros((4, total), dtype=torch.bool)
+        mask[:, : width + 6] = True
+        keep = torch.tensor([3, 1])  # rows 0 and 2 finished; the kept ones change places
+        shift, column = 2, width + 6
+        # When the batch is rebuilt: rows 3 and 1 kept, every column moved two left, the fifth joining
+        new_mask = decoder._rebuild(merged, mask, keep, shift=shift, column=column, total=total,
+                                    joining=[(joining, [0])])
+    end = column - shift
+    for layer, (keys, values), (ptr_k, ptr_v), (join_k, join_v) in zip(merged.layers, before, pointers, joined):
+        # Then the same buffers hold the new batch (nothing the size of the cache allocated),
+        assert (layer.keys_buf.data_ptr(), layer.values_buf.data_ptr()) == (ptr_k, ptr_v)
+        for buf, old, join in ((layer.keys_buf, keys, join_k), (layer.values_buf, values, join_v)):
+            expected = torch.zeros((3, *old.shape[1:]), dtype=old.dtype)
+            expected[:2, :, :end] = old[[3, 1], :, shift:column]
+            expected[2:, :, end - joining.width: end] = join
+            # every row as a freshly built cache would hold it: moved, zero past the current column,
+            # the newcomer's prompt ending there and zeros around it
+            assert torch.equal(buf[:3], expected)
+        # exposing the three live rows up to the current column
+        assert layer.keys.shape[0] == 3 and layer.length == end
+    assert new_mask.shape == (3, total) and new_mask[:2, :end].all() and not new_mask[:2, end:].any()
+    assert new_mask[2, end - joining.width: end].all() and not new_mask[2, : end - joining.width].any()
