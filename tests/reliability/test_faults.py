@@ -118,9 +118,14 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
 
 def test_sigterm_exits_within_10s_and_the_rest_is_redelivered(pubsub_emulator, store: GCSStore, tmp_path: Path,
                                                               docstrings: list[str]) -> None:
-    # Given a worker busy with a large batch of long texts
+    # Given a worker busy with a large batch of long texts: docstrings of 1,200 characters and more
+    # (300-400 tokens each), more work than the worker can finish in its drain time on 2 cores even
+    # where it embeds fast (the first 60 docstrings, mostly short, were all done inside the drain
+    # on a 2-core Xeon: nothing was left to redeliver)
     topic, subscription = new_topic(TEST_PROJECT)
-    publish_raw(topic, _tasks("term", STOP_TASKS, docstrings, chars=1500))
+    long = [d for d in docstrings if len(d) >= 1200]
+    texts = [f"Task {i}. {long[i % len(long)]}" for i in range(STOP_TASKS)]  # unique: no result-cache hits
+    publish_raw(topic, _tasks("term", STOP_TASKS, texts, chars=1500))
     first = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "first.log")
     first.wait_ready()
     wait_for_count(store, 5, timeout=120)
