@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from schemas.errors import TaskError
-from worker.settings import EMBEDDED_MODEL, Settings, default_cache_dir
+from worker.settings import EMBEDDED_MODEL, QUANTIZE_MODES, Settings, default_cache_dir
 
 
 class CliError(click.ClickException):
@@ -38,7 +38,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      envvar="GEMMA_BATCH_MAX_BATCH_SIZE", help="Most inputs per forward batch."),
         click.option("--max-new-tokens-limit", "max_new_tokens_limit", type=click.IntRange(min=1), default=1024,
                      show_default=True, envvar="GEMMA_BATCH_MAX_NEW_TOKENS", help="Largest max_tokens a task may ask for."),
-        click.option("--quantize", type=click.Choice(["int8", "int4", "bf16"]), default=None, envvar="GEMMA_BATCH_QUANTIZE",
+        click.option("--quantize", type=click.Choice(QUANTIZE_MODES), default=None, envvar="GEMMA_BATCH_QUANTIZE",
                      help="Lossy. On CPU, int4: 4-bit weights in every linear layer, generation about 1.45x and "
                           "embedding 1.5x the exact engine on an AVX2 CPU, but slower on an AVX-512/AMX one (the "
                           "load warns where its kernel loses) (cosine ~0.97 to exact; greedy text often differs); "

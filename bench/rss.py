@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import embed_texts, peak_rss
+from worker.settings import QUANTIZE_MODES
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="bench.rss", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quantize", choices=["int8", "int4", "bf16"], default=None)
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None)
     parser.add_argument("--work", choices=["embed", "generate"], default="generate")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--texts", type=int, default=500)

@@ -753,11 +753,11 @@ class Decoder:
         added = sum(len(k) for _, k in joining)
         kept = len(keep)
         end = column - shift
+        if cache.layers and kept + added > cache.layers[0].keys_buf.shape[0]:
+            raise ValueError(f"rebuilding {kept + added} rows into a cache of {cache.layers[0].keys_buf.shape[0]}")
         for index, layer in enumerate(cache.layers):
             for name in ("keys_buf", "values_buf"):
                 buf = getattr(layer, name)
-                if kept + added > buf.shape[0]:
-                    raise ValueError(f"rebuilding {kept + added} rows into a cache of {buf.shape[0]}")
                 moved = buf[:, :, shift:column].index_select(0, keep)  # before any row is overwritten
                 buf[:kept, :, :end] = moved
                 del moved

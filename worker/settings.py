@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EMBEDDED_MODEL = "embedded"
+# The lossy modes `quantize` takes, by name (worker/model/loader.quantize); bf16 is CPU only.
+QUANTIZE_MODES = ("int8", "int4", "bf16")
 
 
 def default_cache_dir() -> Path:
@@ -42,7 +44,7 @@ class Settings:
     drafts: bool = True  # greedy rows verify prompt-lookup drafts, several tokens a step; see worker/decode.py
 
     def __post_init__(self) -> None:
-        if self.quantize not in (None, "int8", "int4", "bf16"):
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be int8, int4, bf16 or unset, got {self.quantize!r}")
         if self.compile and self.quantize is not None:
             raise ValueError("compile and quantize cannot be combined: choose one")

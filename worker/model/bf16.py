@@ -9,8 +9,7 @@ It pays only where the CPU has bf16 units: on the 2-core AVX-512/AMX Xeon of doc
 embedding ran 1.33-1.57x and generation 1.16-1.39x the exact engine, while a CPU without them
 emulates bf16 far slower than fp32; loading times a layer both ways and warns where bf16 loses.
 The fp32 weights of the replaced layers are freed (their checkpoint pages released), so a built
-engine holds less; generating, the process peaks higher (the allocator keeps the per-call copies'
-memory; figures in docs/PERFORMANCE.md)."""
+engine holds less (figures in docs/PERFORMANCE.md)."""
 from __future__ import annotations
 
 import torch

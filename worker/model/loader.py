@@ -16,7 +16,7 @@ import torch
 
 from worker.model.device import Placement, attention_without_per_shape_plans, choose_placement
 from worker.model.source import MARKER, ModelSourceError, PreparedModel, prepare_model
-from worker.settings import Settings
+from worker.settings import QUANTIZE_MODES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def quantize(loaded: LoadedModel, mode: str) -> LoadedModel:
     (`quantize_int8`), `int4` PyTorch's own int4 CPU kernel over every linear layer, the output
     layer included (`quantize_int4_cpu`), and `bf16` the body's linear layers on bf16 weights
     (`quantize_bf16_cpu`)."""
-    if mode not in ("int8", "int4", "bf16"):
+    if mode not in QUANTIZE_MODES:
         raise ModelSourceError(f"quantize must be int8, int4 or bf16, got {mode!r}")
     if mode == "bf16":
         return quantize_bf16_cpu(loaded)
