@@ -41,6 +41,15 @@ def _tasks(prefix: str, n: int, docstrings: list[str], *, chars: int = 300) -> l
             for i in range(n)]
 
 
+def _long_tasks(prefix: str, n: int, docstrings: list[str]) -> list[tuple[bytes, dict[str, str]]]:
+    """n embed tasks of one docstring of 1,200 characters and more each, cut to 1,500 (300-400
+    tokens), made unique by their number so the result cache answers none of them: enough work that
+    a fast 2-core machine is still busy when the faults land (with shorter texts a 2-core Xeon
+    finished every task inside the graceful stop's drain, and before the crash test's kills)."""
+    long = [d for d in docstrings if len(d) >= 1200]
+    return _tasks(prefix, n, [f"Task {i}. {long[i % len(long)]}" for i in range(n)], chars=1500)
+
+
 def _assert_exactly_one_valid_result_each(store: GCSStore, prefix: str, n: int) -> None:
     names = sorted(store.list("adhoc/"))
     expected = sorted(f"adhoc/{prefix}-{i}.json" for i in range(n))
@@ -63,13 +72,13 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
                                                  docstrings: list[str]) -> None:
     # Given 500 tasks (60 in the light run) and a worker SIGKILLed at three random moments mid-batch
     topic, subscription = new_topic(TEST_PROJECT)
-    # Texts of a few hundred tokens keep each engine call to a few dozen tasks, so the kills land
-    # mid-run. One kill point is drawn from each sixth of the run after its first tenth, so the last
+    # Texts of a few hundred tokens (`_long_tasks`) keep each engine call to a few dozen tasks, so the
+    # kills land mid-run (texts of 800 characters once left a fast 2-core Xeon's first worker 38 of 60
+    # tasks done at the first kill, and the last kill found all 60 done). One kill point is drawn from each sixth of the run after its first tenth, so the last
     # falls by 60% of it: the worker killed last has done part of its share while the final worker
     # started, and a last point drawn near the end could find every task done (a draw of 35, 39 and
     # 43 out of 60 did once).
-    long_texts = [d for d in docstrings if len(d) >= 800]
-    publish_raw(topic, _tasks("crash", CRASH_TASKS, long_texts, chars=800))
+    publish_raw(topic, _long_tasks("crash", CRASH_TASKS, docstrings))
     rng, kills = random.Random(500), []
     sixth = CRASH_TASKS // 6
     points = [rng.randrange(CRASH_TASKS // 10 + k * sixth, CRASH_TASKS // 10 + (k + 1) * sixth) for k in range(3)]
@@ -118,14 +127,10 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
 
 def test_sigterm_exits_within_10s_and_the_rest_is_redelivered(pubsub_emulator, store: GCSStore, tmp_path: Path,
                                                               docstrings: list[str]) -> None:
-    # Given a worker busy with a large batch of long texts: docstrings of 1,200 characters and more
-    # (300-400 tokens each), more work than the worker can finish in its drain time on 2 cores even
-    # where it embeds fast (the first 60 docstrings, mostly short, were all done inside the drain
-    # on a 2-core Xeon: nothing was left to redeliver)
+    # Given a worker busy with a large batch of long texts (`_long_tasks`: the first 60 docstrings,
+    # mostly short, were all done inside the drain on a 2-core Xeon, leaving nothing to redeliver)
     topic, subscription = new_topic(TEST_PROJECT)
-    long = [d for d in docstrings if len(d) >= 1200]
-    texts = [f"Task {i}. {long[i % len(long)]}" for i in range(STOP_TASKS)]  # unique: no result-cache hits
-    publish_raw(topic, _tasks("term", STOP_TASKS, texts, chars=1500))
+    publish_raw(topic, _long_tasks("term", STOP_TASKS, docstrings))
     first = WorkerProcess(subscription=subscription, results=_results(store), log_path=tmp_path / "first.log")
     first.wait_ready()
     wait_for_count(store, 5, timeout=120)
