@@ -74,10 +74,10 @@ def test_crash_sigkill_three_times_loses_nothing(pubsub_emulator, store: GCSStor
     topic, subscription = new_topic(TEST_PROJECT)
     # Texts of a few hundred tokens (`_long_tasks`) keep each engine call to a few dozen tasks, so the
     # kills land mid-run (texts of 800 characters once left a fast 2-core Xeon's first worker 38 of 60
-    # tasks done at the first kill, and the last kill found all 60 done). One kill point is drawn from each sixth of the run after its first tenth, so the last
-    # falls by 60% of it: the worker killed last has done part of its share while the final worker
-    # started, and a last point drawn near the end could find every task done (a draw of 35, 39 and
-    # 43 out of 60 did once).
+    # tasks done at the first kill, and the last kill found all 60 done). One kill point is drawn from
+    # each sixth of the run after its first tenth, so the last falls by 60% of it: the worker killed
+    # last has done part of its share while the final worker started, and a last point drawn near
+    # the end could find every task done (a draw of 35, 39 and 43 out of 60 did once).
     publish_raw(topic, _long_tasks("crash", CRASH_TASKS, docstrings))
     rng, kills = random.Random(500), []
     sixth = CRASH_TASKS // 6
