@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,8 +99,7 @@ def build_runtime(settings: Settings, *, results: str | None, engine: Engine | N
     started = time.monotonic()
     store = open_store(results) if results is not None else None
     if engine is None:
-        engine = build_engine(settings)
-        log.info("model warmed up in %.1fs", engine.warm_up())
+        engine = load_engine(settings)
     stats = Stats()
     batcher = TokenBudgetBatcher(engine, max_wait_s=settings.max_wait_ms / 1000, max_items=4 * settings.max_batch_size,
                                  on_batch=stats.on_batch).start()
@@ -109,6 +109,24 @@ def build_runtime(settings: Settings, *, results: str | None, engine: Engine | N
                         on_outcome=stats.on_outcome, on_cache=stats.on_cache)
     return Runtime(settings=settings, engine=engine, batcher=batcher, store=store, runner=runner, stats=stats,
                    load_s=time.monotonic() - started)
+
+
+def _build_and_warm(settings: Settings) -> Engine:
+    engine = build_engine(settings)
+    log.info("model warmed up in %.1fs", engine.warm_up())
+    return engine
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Build and warm the engine on a thread of its own, which then exits.
+
+    PyTorch's CPU kernels run on OpenMP, and GNU OpenMP keeps a team of threads for every thread
+    that has run a parallel region until that thread exits. Loaded on the main thread, a serving
+    process would hold two teams (the main thread's, the engine thread's) on its cores; libgomp then
+    counts more threads than cores and barely spin-waits at its barriers, so the engine thread's
+    kernels keep waiting for a sleeping partner to wake (docs/PERFORMANCE.md, "One OpenMP team")."""
+    with ThreadPoolExecutor(1, thread_name_prefix="load-model") as loader:  # its thread exits on leaving
+        return loader.submit(_build_and_warm, settings).result()
 
 
 def stop_on_signals(stop: threading.Event) -> None:
