@@ -3,7 +3,7 @@ model directory: the peer a user would pick) and the naive baseline (batches of 
 padded to the longest), on the same real texts. Texts/s and tokens/s of each, the cosine between
 their vectors, and the share of this machine's compute floor we reach: non-embedding FLOPs per
 token x real tokens, over an fp32 matrix-multiply rate measured in the same run on the model's own
-layer shapes (before and after the contenders, averaged, since the machine is shared)."""
+layer shapes (just before and just after our run, averaged, since the machine is shared)."""
 from __future__ import annotations
 
 import logging
@@ -82,8 +82,11 @@ def measure(engine: Engine, settings: Settings, *, n: int, peer: bool = True) ->
     tokens = sum(lengths)
     log.info("embedding: %d texts, %d tokens", n, tokens)
     engine.embed(texts[:8], truncate=True)  # warm
+    # The floor's rate is measured just before and just after our run, not across the peers' runs
+    # (25 minutes at full size on 2 cores), over which this shared machine's speed drifts.
     rate_before = floor_rate(engine)
     ours = timed(lambda: engine.embed(texts, truncate=True).vectors)
+    rate_after = floor_rate(engine)
     naive = timed(lambda: run_naive(engine, texts))
     result: dict[str, Any] = {"texts": n, "tokens": tokens, "token_budget": engine.token_budget,
                               "ours": {"seconds": ours.seconds}, "naive_batches_of_32": {"seconds": naive.seconds},
@@ -95,7 +98,6 @@ def measure(engine: Engine, settings: Settings, *, n: int, peer: bool = True) ->
         result["sentence_transformers"] = {"seconds": peer_run.seconds}
         result["cosine_min_vs_sentence_transformers"] = cosine_min(ours.value, np.asarray(peer_run.value))
         del st
-    rate_after = floor_rate(engine)
     for key in ("ours", "naive_batches_of_32", "sentence_transformers"):
         if key in result:
             result[key]["texts_per_s"] = n / result[key]["seconds"]

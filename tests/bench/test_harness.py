@@ -171,8 +171,11 @@ def test_the_generation_section_times_the_head_screen_against_the_full_layer(eng
     # and again without prompt-lookup drafts, on all prompts and on a few alone: the same tokens
     drafts = got["drafts"]
     assert drafts["no_drafts"]["agreement"]["identical"] == 4 and drafts["alone"]["agreement"]["identical"] == 4
+    # and with drafts again once the screen is built, the comparison the drafts' ratio is taken from
+    assert drafts["drafts_again"]["agreement"]["identical"] == 4 and drafts["drafts_again"]["seconds"] > 0
     assert drafts["steps"] > 0 and drafts["drafted"] >= drafts["accepted"] >= 0
     assert engine.decoder.draft_tokens > 0 and "prompt-lookup drafts:" in render(got)
+    assert f"against {drafts['drafts_again']['seconds']:.1f} s with them, screen built" in render(got)
 
 
 def test_the_head_section_times_each_screen_against_the_full_layer_on_real_decode_states(engine) -> None:
