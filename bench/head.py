@@ -49,6 +49,73 @@ def decode_states(engine: Engine, *, n: int, steps: int) -> torch.Tensor:
     return torch.cat(captured)
 
 
+def prompt_states(engine: Engine, *, n: int, count: int) -> torch.Tensor:
+    """`count` final hidden states from inside `n` of the bench's prompts (every position scored by
+    one forward pass, evenly spaced picks): the next word there is far less certain than in the
+    decode states, so a screen keeps more candidates per row, as for open-ended text."""
+    states = []
+    with torch.inference_mode():
+        for item in prompts(engine, n):
+            out = engine.decoder.body(input_ids=torch.tensor([item.ids]), use_cache=False)
+            states.append(out.last_hidden_state[0])
+    every = torch.cat(states)
+    return every[torch.linspace(0, every.shape[0] - 1, count).long()].contiguous()
+
+
+class _Counting:
+    """A screen's fp32 rows (`Int8Table` or `WeightRows`), counting the words `pick` re-scores."""
+
+    def __init__(self, source: Any) -> None:
+        self.source, self.words = source, 0
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        self.words += ids.numel()
+        return self.source.rows(ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.source, name)
+
+
+def rule_out(screen: head_screen.Screen, sets: dict[str, torch.Tensor], *, rows: int = 128,
+             rounds: int = 3) -> dict[str, Any]:
+    """`head_screen.pick` in two rounds (the default: the best of the candidates within one margin
+    rules out the rest it can) against one (`RULE_OUT` off: every candidate re-scored in fp32), on
+    calls of `rows` states from each set, alternating: ms per call, words re-scored per row, and
+    whether both gave the same tokens and sureness."""
+    result: dict[str, Any] = {"kind": screen.kind, "rows": rows, "rounds": rounds, "sets": {}}
+    source = screen.source
+    counting = screen.source = _Counting(source)
+    try:
+        with torch.inference_mode():
+            for name, states in sets.items():
+                calls = [states[i: i + rows] for i in range(0, states.shape[0] - rows + 1, rows)]
+                spent, words = {True: 0.0, False: 0.0}, {True: 0, False: 0}
+                answers: dict[bool, list[Any]] = {True: [], False: []}
+                for r in range(rounds + 1):  # round 0 warms both and keeps their answers
+                    for two in ((True, False) if r % 2 == 0 else (False, True)):
+                        head_screen.RULE_OUT = two
+                        for hidden in calls:
+                            counting.words = 0
+                            started = time.perf_counter()
+                            ids, sure = screen.best(hidden)
+                            elapsed = time.perf_counter() - started
+                            if r == 0:
+                                answers[two].append((ids.tolist(), sure.tolist()))
+                            else:
+                                spent[two] += elapsed
+                                words[two] += counting.words
+                record = {"calls": len(calls), "same": answers[True] == answers[False]}
+                per_call = rounds * len(calls)
+                record.update({"ms_two_rounds": spent[True] / per_call * 1000, "ms_one_round": spent[False] / per_call * 1000,
+                               "words_per_row_two_rounds": words[True] / (per_call * rows),
+                               "words_per_row_one_round": words[False] / (per_call * rows)})
+                result["sets"][name] = record
+    finally:
+        head_screen.RULE_OUT = True
+        screen.source = source
+    return result
+
+
 def best_by_linear(decoder: Any, hidden: torch.Tensor) -> list[int]:
     """`Decoder.best_blocked` with each block's scores as `linear(hidden, block)` (the baseline for
     `table.scores`'s orientation); same blocks, same running maximum."""
@@ -123,6 +190,10 @@ def measure(engine: Engine, *, n: int = 16, steps: int = 16, rows: tuple[int, ..
                         spent[name] += time.perf_counter() - started
             per_call = 2 * rounds * len(slices)
             result["ms_per_call"][str(size)] = {name: seconds / per_call * 1000 for name, seconds in spent.items()}
+    used = result["choose_kind"] if result["choose_kind"] in ("bf16", "int8") else None
+    if used is not None and states.shape[0] >= 128:
+        result["rule_out"] = rule_out(screens[used], {"decode": states, "prompt": prompt_states(
+            engine, n=n, count=max(256, states.shape[0] // 128 * 128))})
     return result
 
 
@@ -146,4 +217,13 @@ def render(r: dict[str, Any]) -> str:
     for kind, s in r["screens"].items():
         lines.append(f"{kind} screen: built in {s['build_s']:.2f} s; vouched for {s['vouched']} of "
                      f"{s['answered']} rows, {s['same_as_full']} of them the full layer's token")
+    if r.get("rule_out"):
+        ro = r["rule_out"]
+        lines.append(f"\nCANDIDATES RE-SCORED IN TWO ROUNDS ({ro['kind']} screen, calls of {ro['rows']} rows, "
+                     f"{ro['rounds']} interleaved rounds; decode states, and states inside the prompts)")
+        lines.append(table(["states", "calls", "ms two rounds", "ms one round", "two rounds is", "words/row two",
+                            "words/row one", "same answers"],
+                           [[name, s["calls"], s["ms_two_rounds"], s["ms_one_round"], s["ms_one_round"] / s["ms_two_rounds"],
+                             s["words_per_row_two_rounds"], s["words_per_row_one_round"], s["same"]]
+                            for name, s in ro["sets"].items()]))
     return "\n".join(lines)

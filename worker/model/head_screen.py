@@ -43,7 +43,9 @@ at most 2^-8 of itself. Per row, with the largest word norm and the largest scre
 A word outside the candidates scores below (best screen score - 2E) + E in fp32, below the fp32
 score of the screen's best word, itself a candidate: the fp32 best of the candidates is the fp32
 layer's answer, with no statistics involved. A row with more than `MAX_CANDIDATES` candidates
-(a flat distribution) goes to the full layer.
+(a flat distribution) goes to the full layer. Both bf16 and int8 re-score their candidates in two
+rounds (`pick`): the best fp32 score among those within E of the best screen score rules out every
+other candidate whose screen score is more than E below it, so only the few left are scored.
 
 The int8 screen holds each word as int8 codes with one scale per word (fbgemm's per-channel
 layout; the word table's own codes have a scale per 32 values, so the codes are made again) and
@@ -89,6 +91,8 @@ ROUNDING = 2.0 ** -8
 BF16_OUTPUT = 2.0 ** -7  # the bf16 output's rounding, with room (2^-8 relative, of the exact value)
 BF16_PRODUCTS = 2.0 ** -7 + 2.0 ** -12  # operand rounding and fp32 accumulation, per ||w|| ||x||
 MAX_CANDIDATES = 4096  # more in a row and the full layer scores it (bf16, int8)
+RULE_OUT_SLACK = 2.0 ** -20  # `pick`'s second round keeps this much more than its bound asks (fp32 rounding)
+RULE_OUT = True  # `pick` in two rounds; False re-scores every candidate (the baseline bench/head.py times)
 BF16_BLOCK = 16384  # words per block of bf16 screen scores (rows x block stays in cache)
 INT8_BLOCK = 16384  # words per packed block of the int8 screen
 INT8_LEVELS = 127  # steps of the int8 kernel's input codes over the call's range (fbgemm's reduce_range: 0..127)
@@ -289,8 +293,7 @@ class Bf16Screen:
         high_t, low_t = torch.stack(highs, dim=1).float(), torch.stack(lows, dim=1).float()
         top = high_t.max(dim=1).values
         largest = torch.maximum(high_t.abs().max(dim=1).values, low_t.abs().max(dim=1).values)
-        threshold = top - 2 * self.bound(hidden, largest)
-        return pick(self.source, hidden, blocks, high_t, threshold, block_words=BF16_BLOCK)[:2]
+        return pick(self.source, hidden, blocks, high_t, top, self.bound(hidden, largest), block_words=BF16_BLOCK)[:2]
 
 
 class Int8Screen:
@@ -353,7 +356,7 @@ class Int8Screen:
         highs = torch.stack([block.amax(dim=1) for block in blocks], dim=1)
         top = highs.max(dim=1).values
         margin = self.bound(hidden, scaled, peak) / peak  # in the blocks' units
-        ids, sure, best_score = pick(self.source, hidden, blocks, highs, top - 2 * margin, block_words=INT8_BLOCK)
+        ids, sure, best_score = pick(self.source, hidden, blocks, highs, top, margin, block_words=INT8_BLOCK, scale=peak)
         # every word outside the candidates scores below top - 2 margin on the screen, so below
         # top - margin in fp32 by the margin's measure: the best candidate must beat that
         sure &= (best_score > (top - margin) * peak) & torch.isfinite(hidden).all(dim=1)
@@ -364,28 +367,50 @@ Screen = HeadScreen | Bf16Screen | Int8Screen
 
 
 def pick(source: Int8Table | WeightRows, hidden: torch.Tensor, blocks: list[torch.Tensor], highs: torch.Tensor,
-         threshold: torch.Tensor, *, block_words: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bf16 and int8 screens' search: the words whose screen score reaches the row's
-    `threshold` (in the blocks' units; `highs`: each block's highest score per row, so only blocks
-    that reach it are searched) are re-scored in fp32. Returns (the best of them per row, ties to the
-    lowest id; whether the row had 1 to `MAX_CANDIDATES` of them; its fp32 score, -inf if not)."""
+         top: torch.Tensor, margin: torch.Tensor, *, block_words: int,
+         scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bf16 and int8 screens' search. A row's candidates are the words whose screen score
+    reaches `top - 2 * margin` (in the blocks' units, which `scale` per row turns into fp32 scores;
+    `top`: the row's best screen score; `highs`: each block's highest score per row, so only blocks
+    that reach it are searched). Returns (the best candidate per row by fp32 score, ties to the
+    lowest id; whether the row had 1 to `MAX_CANDIDATES` candidates; its fp32 score, -inf if not).
+
+    Candidates are re-scored in fp32 in two rounds. First those within one margin of the top (the
+    screen's best word among them); the best of their fp32 scores, `first`, then rules out every
+    other candidate whose screen score is below `first - margin`, since its fp32 score is within the
+    margin of its screen score, the measure by which every word outside the candidates was ruled out.
+    Only the rest are scored. The answer is the one scoring every candidate gives; the rounds score
+    a tenth of the words on real decode states (docs/PERFORMANCE.md, "Greedy head: two rounds")."""
     rows = hidden.shape[0]
+    threshold = top - 2 * margin
     reach = highs >= threshold[:, None]  # (row, block) pairs that hold candidates
-    found_rows, found_words = [], []
+    found_rows, found_words, found_scores = [], [], []
     for b in reach.any(dim=0).nonzero().flatten().tolist():
         picked = reach[:, b].nonzero().flatten()
-        row, word = (blocks[b][picked].float() >= threshold[picked, None]).nonzero().unbind(1)
+        block = (blocks[b] if picked.numel() == rows else blocks[b][picked]).float()
+        row, word = (block >= threshold[picked, None]).nonzero().unbind(1)
+        found_scores.append(block[row, word])
         found_rows.append(picked[row])
         found_words.append(word + b * block_words)
     if not found_rows:  # no finite scores anywhere: the full layer decides
         return (torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.bool),
                 torch.full((rows,), float("-inf")))
-    row, word = torch.cat(found_rows), torch.cat(found_words)
+    row, word, score = torch.cat(found_rows), torch.cat(found_words), torch.cat(found_scores)
     count = torch.bincount(row, minlength=rows)
     sure = (count > 0) & (count <= MAX_CANDIDATES)  # a row with none (not finite) is not vouched for
     kept = sure[row]
-    row, word = row[kept], word[kept]
-    exact = (source.rows(word) * hidden[row]).sum(dim=1)
+    row, word, score = row[kept], word[kept], score[kept]
+    near = score >= (top - margin)[row] if RULE_OUT else torch.ones_like(row, dtype=torch.bool)
+    first_row, first_word = row[near], word[near]
+    first = (source.rows(first_word) * hidden[first_row]).sum(dim=1)
+    best_first = torch.full((rows,), float("-inf"), dtype=first.dtype).scatter_reduce(0, first_row, first, "amax")
+    # in the blocks' units, less a hair for the rounding of this division and subtraction
+    floor = best_first if scale is None else best_first / scale
+    floor = floor - margin - (floor.abs() + margin) * RULE_OUT_SLACK
+    rest = ~near & (score >= floor[row])
+    rest_row, rest_word = row[rest], word[rest]
+    row, word = torch.cat([first_row, rest_row]), torch.cat([first_word, rest_word])
+    exact = torch.cat([first, (source.rows(rest_word) * hidden[rest_row]).sum(dim=1)])
     best_score = torch.full((rows,), float("-inf"), dtype=exact.dtype).scatter_reduce(0, row, exact, "amax")
     none = torch.iinfo(torch.long).max
     ids = torch.full((rows,), none, dtype=torch.long).scatter_reduce(

@@ -23,6 +23,7 @@ from worker.decode import Decoder
 from worker.engine import Engine, Tokenized
 from worker.model import head_screen
 from worker.model.head_screen import Bf16Screen, HeadScreen, Int8Screen
+from worker.model.table import WeightRows
 
 SLICE = 16384
 SCREENS = {"int4": HeadScreen, "bf16": Bf16Screen, "int8": Int8Screen}
@@ -271,6 +272,95 @@ def test_the_int8_screen_in_the_decoder_gives_the_full_layers_tokens(int8_screen
     # Then the screen answered most rows, and every output is the same, token for token
     assert answered > 12 * 12
     assert screened == full
+
+
+@pytest.fixture(scope="module")
+def prompt_states(engine: Engine, docstrings: list[str]) -> torch.Tensor:
+    """Final hidden states at positions inside real prompts: the next word is far less certain there
+    than in decode states, so a screen keeps many more candidates per row (open-ended text)."""
+    rows = [it.ids for it in _items(engine, docstrings, 40)[:4]]
+    with torch.inference_mode():
+        states = [engine.decoder.body(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0]
+                  for ids in rows]
+    return torch.cat(states)[::3][:96].contiguous()
+
+
+class _Counting:
+    """A screen's fp32 rows, counting the words its search re-scores."""
+
+    def __init__(self, source: object) -> None:
+        self.source, self.words = source, 0
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        self.words += ids.numel()
+        return self.source.rows(ids)  # type: ignore[attr-defined]
+
+
+def _in_one_and_two_rounds(screen: head_screen.Screen, states: torch.Tensor,
+                           monkeypatch: pytest.MonkeyPatch) -> dict[bool, tuple[torch.Tensor, torch.Tensor, int]]:
+    """The screen's (tokens, sureness, words re-scored in fp32) with `pick`'s second round on and off."""
+    out = {}
+    counting = _Counting(screen.source)
+    monkeypatch.setattr(screen, "source", counting)
+    with torch.inference_mode():
+        for two in (True, False):
+            monkeypatch.setattr(head_screen, "RULE_OUT", two)
+            counting.words = 0
+            ids, sure = screen.best(states)
+            out[two] = (ids, sure, counting.words)
+    return out
+
+
+def test_the_int8_screen_rescores_only_the_candidates_its_first_round_leaves_open(
+        int8_screen: Int8Screen, engine: Engine, prompt_states: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given hidden states inside real prompts, where many words come near the best
+    # When the int8 screen picks their greedy tokens in two rounds (the default: the best fp32 score
+    # of the candidates within one margin of the top rules out the candidates below it by more than
+    # a margin) and in one (every candidate re-scored), counting the words re-scored in fp32
+    rounds = _in_one_and_two_rounds(int8_screen, prompt_states, monkeypatch)
+    (ids, sure, two), (ids_one, sure_one, one) = rounds[True], rounds[False]
+    # Then both give the same tokens and the same sureness, every sure row the full layer's token
+    assert torch.equal(ids, ids_one) and torch.equal(sure, sure_one)
+    with torch.inference_mode():
+        full = engine.decoder.logits(prompt_states).argmax(dim=-1)
+    assert torch.equal(ids[sure], full[sure]) and int(sure.sum()) >= 0.8 * len(prompt_states)
+    # and the two rounds re-scored under a third of the words one round does
+    assert 0 < two < one / 3
+
+
+def test_the_second_round_scores_what_the_first_cannot_rule_out_and_only_that() -> None:
+    # Given one row's screen scores for eight words, a margin of 1 (every word's fp32 score within 1
+    # of its screen score), and fp32 scores chosen so that the best word is not among those within
+    # one margin of the top: A 10.0 / 9.1, B 9.5 / 9.6 (the first round: best fp32 9.6), C 8.5 / 9.3
+    # (ruled out: below 9.6 - 1 on the screen), D 8.7 / 9.65 (left open, and the best), E 7.5 / 8.4
+    # (no candidate: below 10 - 2)
+    screen_scores = torch.tensor([[10.0, 9.5, 8.5, 8.7, 7.5, 0.0, 0.0, 0.0]])
+    fp32 = torch.tensor([9.1, 9.6, 9.3, 9.65, 8.4, 0.0, 0.0, 0.0])
+    weight = torch.zeros(8, 4)
+    weight[:, 0] = fp32
+    source = _Counting(WeightRows(weight))
+    hidden = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    # When the search picks the row's word
+    ids, sure, best = head_screen.pick(source, hidden, [screen_scores], screen_scores.amax(dim=1, keepdim=True),
+                                       torch.tensor([10.0]), torch.tensor([1.0]), block_words=8)
+    # Then it finds D, the fp32 best, having re-scored A, B and D but not C
+    assert ids.tolist() == [3] and sure.tolist() == [True] and float(best[0]) == pytest.approx(9.65)
+    assert source.words == 3
+
+
+def test_the_bf16_screens_two_rounds_give_what_one_gives(sliced_head: torch.nn.Linear, prompt_states: torch.Tensor,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given the bf16 screen over the output layer's first words and states inside real prompts
+    # When it picks their greedy tokens in two rounds and in one
+    rounds = _in_one_and_two_rounds(Bf16Screen(sliced_head), prompt_states[:32], monkeypatch)
+    (ids, sure, two), (ids_one, sure_one, one) = rounds[True], rounds[False]
+    # Then both give the same tokens and sureness, the full layer's for every sure row, and the
+    # two rounds re-score no more words than one
+    assert torch.equal(ids, ids_one) and torch.equal(sure, sure_one)
+    with torch.inference_mode():
+        full = (prompt_states[:32] @ sliced_head.weight.T).argmax(dim=-1)
+    assert torch.equal(ids[sure], full[sure]) and bool(sure.any())
+    assert two <= one
 
 
 def test_the_int8_screen_sends_flat_rows_to_the_full_layer_and_breaks_ties_low(int8_screen: Int8Screen,
