@@ -62,8 +62,9 @@ def prompt_states(engine: Engine, *, n: int, count: int) -> torch.Tensor:
     return every[torch.linspace(0, every.shape[0] - 1, count).long()].contiguous()
 
 
-class _Counting:
-    """A screen's fp32 rows (`Int8Table` or `WeightRows`), counting the words `pick` re-scores."""
+class CountingRows:
+    """A screen's fp32 rows (`Int8Table` or `WeightRows`), counting the words `pick` re-scores (also
+    tests/worker/model/test_head_screen.py's)."""
 
     def __init__(self, source: Any) -> None:
         self.source, self.words = source, 0
@@ -84,7 +85,7 @@ def rule_out(screen: head_screen.Screen, sets: dict[str, torch.Tensor], *, rows:
     whether both gave the same tokens and sureness."""
     result: dict[str, Any] = {"kind": screen.kind, "rows": rows, "rounds": rounds, "sets": {}}
     source = screen.source
-    counting = screen.source = _Counting(source)
+    counting = screen.source = CountingRows(source)
     try:
         with torch.inference_mode():
             for name, states in sets.items():
@@ -190,9 +191,8 @@ def measure(engine: Engine, *, n: int = 16, steps: int = 16, rows: tuple[int, ..
                         spent[name] += time.perf_counter() - started
             per_call = 2 * rounds * len(slices)
             result["ms_per_call"][str(size)] = {name: seconds / per_call * 1000 for name, seconds in spent.items()}
-    used = result["choose_kind"] if result["choose_kind"] in ("bf16", "int8") else None
-    if used is not None and states.shape[0] >= 128:
-        result["rule_out"] = rule_out(screens[used], {"decode": states, "prompt": prompt_states(
+    if result["choose_kind"] in ("bf16", "int8") and states.shape[0] >= 128:  # the screens `pick` serves
+        result["rule_out"] = rule_out(screens[result["choose_kind"]], {"decode": states, "prompt": prompt_states(
             engine, n=n, count=max(256, states.shape[0] // 128 * 128))})
     return result
 

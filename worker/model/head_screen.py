@@ -401,17 +401,23 @@ def pick(source: Int8Table | WeightRows, hidden: torch.Tensor, blocks: list[torc
     kept = sure[row]
     row, word, score = row[kept], word[kept], score[kept]
     near = score >= (top - margin)[row] if RULE_OUT else torch.ones_like(row, dtype=torch.bool)
-    first_row, first_word = row[near], word[near]
-    first = (source.rows(first_word) * hidden[first_row]).sum(dim=1)
-    best_first = torch.full((rows,), float("-inf"), dtype=first.dtype).scatter_reduce(0, first_row, first, "amax")
-    # in the blocks' units, less a hair for the rounding of this division and subtraction
-    floor = best_first if scale is None else best_first / scale
+
+    def fp32(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, words, their fp32 scores) of the chosen candidates"""
+        return row[chosen], word[chosen], (source.rows(word[chosen]) * hidden[row[chosen]]).sum(dim=1)
+
+    def best_per_row(at: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.full((rows,), float("-inf"), dtype=values.dtype).scatter_reduce(0, at, values, "amax")
+
+    first_row, first_word, first = fp32(near)
+    # the first round's best in the blocks' units, less a hair for the rounding of this division and subtraction
+    floor = best_per_row(first_row, first)
+    if scale is not None:
+        floor = floor / scale
     floor = floor - margin - (floor.abs() + margin) * RULE_OUT_SLACK
-    rest = ~near & (score >= floor[row])
-    rest_row, rest_word = row[rest], word[rest]
-    row, word = torch.cat([first_row, rest_row]), torch.cat([first_word, rest_word])
-    exact = torch.cat([first, (source.rows(rest_word) * hidden[rest_row]).sum(dim=1)])
-    best_score = torch.full((rows,), float("-inf"), dtype=exact.dtype).scatter_reduce(0, row, exact, "amax")
+    rest_row, rest_word, rest = fp32(~near & (score >= floor[row]))
+    row, word, exact = torch.cat([first_row, rest_row]), torch.cat([first_word, rest_word]), torch.cat([first, rest])
+    best_score = best_per_row(row, exact)
     none = torch.iinfo(torch.long).max
     ids = torch.full((rows,), none, dtype=torch.long).scatter_reduce(
         0, row, torch.where(exact == best_score[row], word, none), "amin")

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+from bench.head import CountingRows
 from tests.conftest import REPO, run_cli
 from worker.decode import Decoder
 from worker.engine import Engine, Tokenized
@@ -285,22 +286,11 @@ def prompt_states(engine: Engine, docstrings: list[str]) -> torch.Tensor:
     return torch.cat(states)[::3][:96].contiguous()
 
 
-class _Counting:
-    """A screen's fp32 rows, counting the words its search re-scores."""
-
-    def __init__(self, source: object) -> None:
-        self.source, self.words = source, 0
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        self.words += ids.numel()
-        return self.source.rows(ids)  # type: ignore[attr-defined]
-
-
 def _in_one_and_two_rounds(screen: head_screen.Screen, states: torch.Tensor,
                            monkeypatch: pytest.MonkeyPatch) -> dict[bool, tuple[torch.Tensor, torch.Tensor, int]]:
     """The screen's (tokens, sureness, words re-scored in fp32) with `pick`'s second round on and off."""
     out = {}
-    counting = _Counting(screen.source)
+    counting = CountingRows(screen.source)
     monkeypatch.setattr(screen, "source", counting)
     with torch.inference_mode():
         for two in (True, False):
@@ -338,7 +328,7 @@ def test_the_second_round_scores_what_the_first_cannot_rule_out_and_only_that() 
     fp32 = torch.tensor([9.1, 9.6, 9.3, 9.65, 8.4, 0.0, 0.0, 0.0])
     weight = torch.zeros(8, 4)
     weight[:, 0] = fp32
-    source = _Counting(WeightRows(weight))
+    source = CountingRows(WeightRows(weight))
     hidden = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     # When the search picks the row's word
     ids, sure, best = head_screen.pick(source, hidden, [screen_scores], screen_scores.amax(dim=1, keepdim=True),
