@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     built = timed(lambda: build_engine(settings))
     engine = built.value
     results["engine"] = {"model": engine.name, "load_and_prepare_s": built.seconds, "token_budget": engine.token_budget,
-                         "decode_tokens": engine.decode_tokens, "max_batch_size": engine.max_batch_size}
+                         "decode_tokens": engine.decode_tokens,
+                         "generate_tokens": engine.generate_tokens, "max_batch_size": engine.max_batch_size}
     runs = {
         "generation": (lambda: generation.measure(engine, n=sizes["prompts"], max_new_tokens=64,
                                                   gguf=gguf_path(settings), naive_every=sizes["naive_every"],

@@ -5,6 +5,7 @@ still paid against later ones.
 
     python -m bench.rss --quantize int4 --work generate --prompts 64
     python -m bench.rss --work generate --temperature 0.8   # sampling: full logits every step
+    python -m bench.rss --work generate --decode-tokens 16384   # another key/value budget
     python -m bench.rss --model DIR --device cuda --work embed --calls 3   # a GPU cold start
 
 Prints one JSON object: build seconds, spawn-to-ready seconds (interpreter start, imports, load,
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calls", type=int, default=1, help="how many times to run the work (default 1)")
     parser.add_argument("--no-head-screen", dest="head_screen", action="store_false",
                         help="score every word of the output layer in fp32 (worker/model/head_screen.py)")
+    parser.add_argument("--decode-tokens", type=int, default=None,
+                        help="generate: key/value slots of a merged decode batch (default: the engine's, "
+                             "worker.engine.default_decode_tokens)")
     parser.add_argument("--spawned-at", type=float, default=None,
                         help="the parent's time.time() just before starting this process")
     args = parser.parse_args(argv)
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         options["cache_dir"] = args.cache_dir
     engine = build_engine(Settings(**options))
     built = time.monotonic() - started
+    if args.decode_tokens is not None:
+        engine.decode_tokens = args.decode_tokens
     warm_up_s = engine.warm_up()
     ready_s = time.time() - args.spawned_at if args.spawned_at is not None else None
     after_build = peak_rss()
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.cuda.synchronize()
         calls.append(time.monotonic() - began)
     result = {"quantize": args.quantize, "work": args.work, "temperature": args.temperature,
-              "device": engine.device.type, "head_screen": args.head_screen,
+              "device": engine.device.type, "head_screen": args.head_screen, "decode_tokens": engine.decode_tokens,
               "imports_s": imports_s, "build_s": built, "load_s": engine.model.load_seconds, "warm_up_s": warm_up_s,
               "spawn_to_ready_s": ready_s, "calls_s": calls,
               "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def measure(quantize: str | None, *, work: str = "generate", prompts: int = 64, texts: int = 500,
             model: str | None = None, cache_dir: Path | None = None, device: str = "cpu",
-            calls: int = 1) -> dict[str, Any]:
+            calls: int = 1, decode_tokens: int | None = None) -> dict[str, Any]:
     """Run `main` in a fresh interpreter (peak RSS and start-up are per process) and return its figures."""
     cmd = [sys.executable, "-m", "bench.rss", "--work", work, "--prompts", str(prompts), "--texts", str(texts),
            "--device", device, "--calls", str(calls)]
@@ -100,6 +106,8 @@ def measure(quantize: str | None, *, work: str = "generate", prompts: int = 64, 
         cmd += ["--model", model]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
+    if decode_tokens is not None:
+        cmd += ["--decode-tokens", str(decode_tokens)]
     out = subprocess.run(cmd + ["--spawned-at", repr(time.time())], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -104,9 +104,10 @@ class Engine:
         self.token_budget = token_budget
         self.max_batch_size = max_batch_size
         self.max_new_tokens = max_new_tokens
-        # Key/value slots (rows x positions) one merged decode batch may hold: 600 MB of cache for
-        # this model in fp32 on CPU (see default_decode_tokens).
+        # Key/value slots (rows x positions) one merged decode batch may hold: 300 MB of cache for
+        # this model in fp32 on CPU (see default_decode_tokens); and those of one `generate` batch.
         self.decode_tokens = default_decode_tokens(self.device)
+        self.generate_tokens = default_generate_tokens(self.device)
         self.decoder = (Decoder(model.lm, pad_id=self.tokenizer.pad_token_id, device=self.device, screen=head_screen,
                                 table=model.table, draft_tokens=DRAFT_TOKENS if drafts else 0)
                         if model.lm is not None else None)
@@ -306,8 +307,9 @@ class Engine:
         prefills them in tight groups and keeps as many rows decoding as the key/value budget holds
         (rows x (longest + new tokens) <= decode_tokens, at most max_batch_size), refilling rows
         as they finish. The rest (constrained decoding, prompts past the sliding window) go
-        through `generate` in batches under the same key/value budget (prompt + new tokens per
-        row): a decode step reads every weight whatever the batch, so more rows per step pay."""
+        through `generate` in batches under its key/value budget, generate_tokens (prompt + new
+        tokens per row): a decode step reads every weight whatever the batch, so more rows per step
+        pay."""
         config = self.decoder.config if self.decoder is not None else None
         merged_ok = self.batched_decode and not constrained and self.decoder is not None
         fitting = [i for i, it in enumerate(items)
@@ -321,7 +323,7 @@ class Engine:
         # A batch's fixed cost is its decode steps, each reading every weight whatever the rows:
         # padding a prompt costs far less than running its row in a batch of its own.
         overhead = BATCH_OVERHEAD + max_new_tokens * DECODE_STEP_TOKENS
-        for batch in plan_batches(costs, token_budget=self.decode_tokens, max_batch_size=self.max_batch_size,
+        for batch in plan_batches(costs, token_budget=self.generate_tokens, max_batch_size=self.max_batch_size,
                                   batch_overhead=overhead):
             plan.append(([rest[k] for k in batch], False))
         return plan
@@ -403,9 +405,21 @@ def default_token_budget(device: torch.device) -> int:
 
 
 def default_decode_tokens(device: torch.device) -> int:
-    """Key/value slots (rows x positions) of one merged decode batch: 16,384 on CPU (600 MB of
-    cache for Gemma 3 270M in fp32: 35 rows of a 400-token prompt and 64 new tokens), eight times
-    that on a GPU."""
+    """Key/value slots (rows x positions) of one merged decode batch: 8,192 on CPU (300 MB of cache
+    for Gemma 3 270M in fp32: 17 rows of a 400-token prompt and 64 new tokens), 262,144 on a GPU.
+
+    On CPU the merged decoder refills rows as they end, so fewer slots cost little; half the cache
+    took the peak RSS of generating the bench's 64 prompts from 2.43-2.45 GB to 2.16 GB in the same
+    time (docs/PERFORMANCE.md, "Memory, a smaller key/value budget")."""
+    return 262144 if device.type == "cuda" else 8192
+
+
+def default_generate_tokens(device: torch.device) -> int:
+    """Key/value slots (rows x (prompt + new tokens)) of one `generate` batch (constrained decoding,
+    prompts past the sliding window): 16,384 on CPU, 262,144 on a GPU. A `generate` batch runs to
+    its longest row without refilling, so its rows per step matter more than the merged decoder's
+    (graph prompts under the task's schema ran 1.24x faster at 16,384 than at 8,192; the same
+    section of docs/PERFORMANCE.md)."""
     return 262144 if device.type == "cuda" else 16384
 
 

@@ -110,6 +110,20 @@ def test_the_memory_probe_reports_a_fresh_process_peak() -> None:
     assert len(got["calls_s"]) == 2 and min(got["calls_s"]) > 0 and got["device"] == "cpu"
 
 
+def test_the_memory_probe_generates_under_the_key_value_budget_it_is_given() -> None:
+    import torch
+
+    from bench import rss
+    from worker.engine import default_decode_tokens
+
+    # A budget of one row of the longest of 3 prompts (at most 400 tokens) and its 64 new tokens
+    got = rss.measure(None, work="generate", prompts=3, decode_tokens=600)
+    # reaches the engine, not the default, and the generation still runs
+    assert got["decode_tokens"] == 600 != default_decode_tokens(torch.device("cpu"))
+    assert got["work"] == "generate" and len(got["calls_s"]) == 1 and got["calls_s"][0] > 0
+    assert got["peak_rss_after_build_bytes"] <= got["peak_rss_bytes"]
+
+
 def test_the_generation_table_compares_peers_with_the_exact_path_and_int4_with_llama_cpp() -> None:
     from bench.generation import render
 

@@ -244,22 +244,26 @@ def test_work_the_merged_decoder_cannot_hold_goes_through_generate(engine: Engin
     # Merged rows go to the decoder in one batch (it keeps as many decoding as the key/value
     # budget holds and refills the rest as rows finish: the refill tests below)
     many = [short] * 10
-    old = engine.decode_tokens
+    old = engine.decode_tokens, engine.generate_tokens
     try:
         engine.decode_tokens = 4 * (len(short.ids) + 8)
         assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=False)] == [10]
-        # `generate` batches (constrained here) by the key/value budget, not the forward budget
+        # `generate` batches (constrained here) by its own key/value budget, not the merged
+        # decoder's or the forward budget
+        engine.generate_tokens = 4 * (len(short.ids) + 8)
+        engine.decode_tokens = 100 * (len(short.ids) + 8)
         assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=True)] == [4, 4, 2]
-        engine.decode_tokens = 10 * (len(short.ids) + 8)
+        engine.generate_tokens = 10 * (len(short.ids) + 8)
+        engine.decode_tokens = 2 * (len(short.ids) + 8)
         assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=True)] == [10]
     finally:
-        engine.decode_tokens = old
+        engine.decode_tokens, engine.generate_tokens = old
     # Prompts of very different lengths share one `generate` batch where the budget holds them:
     # padding a prompt costs less than taking its row through every decode step of a batch of its own
     mixed = [Tokenized(ids=tuple(range(1000, 1000 + n)), truncated=False) for n in (20, 300, 25, 310, 40)]
     assert [sorted(b) for b, _ in engine.plan_generate(mixed, max_new_tokens=64, constrained=True)] == [[0, 1, 2, 3, 4]]
     # (an embedding forward pass, with no decode steps, would split them by length)
-    assert len(plan_batches([len(t.ids) + 64 for t in mixed], token_budget=engine.decode_tokens,
+    assert len(plan_batches([len(t.ids) + 64 for t in mixed], token_budget=engine.generate_tokens,
                             max_batch_size=engine.max_batch_size)) == 2
     # and both kinds of batch in one call still answer in input order
     out = engine.generate_tokenized([long_ids, short], max_new_tokens=8)

@@ -19,7 +19,8 @@ def batch_log() -> list[BatchStats]:
 @pytest.fixture(scope="session")
 def ctx(settings: Settings, engine: Engine, batch_log: list[BatchStats]) -> Iterator[TaskContext]:
     # The session's model with a larger forward budget, so a test's embed tasks take one forward
-    # pass (generation batches by the key/value budget, engine.default_decode_tokens, either way).
+    # pass (generation batches by the key/value budgets, engine.default_decode_tokens and
+    # default_generate_tokens, either way).
     wide = Engine(engine.model, max_input_tokens=engine.max_input_tokens, token_budget=16384,
                   max_batch_size=32, max_new_tokens=engine.max_new_tokens)
     # A second of waiting for company lets a test's tasks, submitted together, meet in one call.
