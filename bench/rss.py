@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calls", type=int, default=1, help="how many times to run the work (default 1)")
     parser.add_argument("--no-head-screen", dest="head_screen", action="store_false",
                         help="score every word of the output layer in fp32 (worker/model/head_screen.py)")
+    parser.add_argument("--no-onednn", dest="onednn", action="store_false",
+                        help="keep PyTorch's linear for the body's layers (worker/model/onednn.py)")
     parser.add_argument("--decode-tokens", type=int, default=None,
                         help="generate: key/value slots of a merged decode batch (default: the engine's, "
                              "worker.engine.default_decode_tokens)")
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     imports_s = time.time() - args.spawned_at if args.spawned_at is not None else None
     started = time.monotonic()
-    options: dict[str, Any] = {"device": args.device, "quantize": args.quantize, "head_screen": args.head_screen}
+    options: dict[str, Any] = {"device": args.device, "quantize": args.quantize, "head_screen": args.head_screen,
+                               "onednn": args.onednn}
     if args.model is not None:
         options["model"] = args.model
     if args.cache_dir is not None:
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         calls.append(time.monotonic() - began)
     result = {"quantize": args.quantize, "work": args.work, "temperature": args.temperature,
               "device": engine.device.type, "head_screen": args.head_screen, "decode_tokens": engine.decode_tokens,
+              "onednn": engine.model.linear.used if engine.model.linear is not None else False,
               "imports_s": imports_s, "build_s": built, "load_s": engine.model.load_seconds, "warm_up_s": warm_up_s,
               "spawn_to_ready_s": ready_s, "calls_s": calls,
               "peak_rss_after_build_bytes": after_build, "peak_rss_bytes": peak_rss()}

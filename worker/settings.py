@@ -42,6 +42,7 @@ class Settings:
     compile: bool = False  # torch.compile the embedding forward pass; see engine.Engine.compile_embedding
     head_screen: bool = True  # greedy head through a bf16, int8 or int4 screen on CPU; see worker/model/head_screen.py
     drafts: bool = True  # greedy rows verify prompt-lookup drafts, several tokens a step; see worker/decode.py
+    onednn: bool = True  # the body's fp32 linear layers through oneDNN where a probe finds it faster; worker/model/onednn.py
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
+from worker.model import onednn
 from worker.model.device import Placement, attention_without_per_shape_plans, choose_placement
 from worker.model.source import MARKER, ModelSourceError, PreparedModel, prepare_model
 from worker.settings import QUANTIZE_MODES, Settings
 
 log = logging.getLogger(__name__)
+onednn.bound_caches()  # before oneDNN first runs in this process (worker/model/onednn.py)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class LoadedModel:
     hidden_size: int
     load_seconds: float
     table: Any | None = None  # the word table as exact int8 blocks (worker/model/table.py), CPU fp32 only
+    linear: onednn.Choice | None = None  # whether the body's linear layers run through oneDNN (CPU fp32)
 
 
 def load_model(prepared: PreparedModel, placement: Placement) -> LoadedModel:
@@ -263,5 +266,8 @@ def load_from_settings(settings: Settings) -> LoadedModel:
 
         cache = settings.cache_dir.expanduser() / "tables" / f"{table.checkpoint_key(prepared.path)}.safetensors"
         loaded = replace(loaded, table=table.install(loaded.lm, cache))
+    if settings.onednn and placement.device.type == "cpu" and placement.dtype == torch.float32:
+        root, head = _root_and_head(loaded)
+        loaded = replace(loaded, linear=onednn.choose(root, skip=head))
     log.info("model %s loaded on %s (%s) in %.1fs", loaded.name, placement.device, placement.dtype, loaded.load_seconds)
     return loaded
