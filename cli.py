@@ -68,8 +68,8 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "most for answers that restate their prompt (docs/PERFORMANCE.md). Default: on; off "
                           "generates one token per row and step."),
         click.option("--onednn/--no-onednn", default=True, envvar="GEMMA_BATCH_ONEDNN",
-                     help="On CPU, run the body's fp32 linear layers through oneDNN where a probe at load (about "
-                          "0.1 s) finds it faster than PyTorch's default kernel on the model's own shapes: the same "
+                     help="On CPU, run the body's fp32 linear layers through oneDNN where a probe at load "
+                          "(0.2-0.5 s) finds it faster than PyTorch's default kernel on the model's own shapes: the same "
                           "arithmetic to fp32 rounding (greedy tokens identical in the bench); on a 2-core AMD EPYC "
                           "generation 1.13-1.14x and embedding 1.01-1.07x (docs/PERFORMANCE.md). Default: on; off keeps "
                           "PyTorch's linear."),

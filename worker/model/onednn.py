@@ -6,9 +6,10 @@ inside PyTorch, `torch.ops.mkldnn._linear_pointwise`, what inductor's CPU fusion
 the model's own layer shapes 1.25-1.5x faster, on the same fp32 weights (no copy, no packing) and
 with fp32 accumulation: results differ from MKL's only by the order of the additions, as MKL's own
 differ between call sizes. Which is faster depends on the CPU, so `choose` times both on the
-model's shapes when the model loads (about a tenth of a second) and switches only where oneDNN wins
-by `FASTER` and agrees with `linear` to fp32 rounding; the layers stay `nn.Linear` modules with
-their weights, only their forward changes (`use_onednn`, undone by `use_default`).
+model's shapes when the model loads (load and warm-up took 0.2-0.5 s longer with it) and switches
+only where oneDNN wins by `FASTER` and agrees with `linear` to fp32 rounding; the layers stay
+`nn.Linear` modules with their weights, only their forward changes (`use_onednn`, undone by
+`use_default`).
 
 Not for quantized layers (`--quantize` replaces the modules it changes), the output layer (the
 word table and the greedy head's screens serve it), or a GPU.
