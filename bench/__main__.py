@@ -30,6 +30,7 @@ from typing import Any
 from bench import embedding, generation, head, pipeline, quantized
 from bench.common import chosen_sections, machine, peak_rss, table, timed
 from worker.engine import build_engine
+from worker.model.source import prepare_model
 from worker.settings import EMBEDDED_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {
         "generation": (lambda: generation.measure(engine, n=sizes["prompts"], max_new_tokens=64,
                                                   gguf=gguf_path(settings), naive_every=sizes["naive_every"],
+                                                  model_dir=prepare_model(settings.model, settings.cache_dir).path,
                                                   int4=build_engine(replace(settings, quantize="int4"))),
                        generation.render),
         "refill": (lambda: generation.refill(engine, n=sizes["prompts"], max_new_tokens=64, stop=["."]),

@@ -1,12 +1,14 @@
-"""Generation: our engine against Hugging Face `generate` one prompt at a time (the naive baseline)
-and llama.cpp (`llama-cpp-python`, sequential, same GGUF file, same thread count), on the same
+"""Generation: our engine against Hugging Face `generate` one prompt at a time (the naive baseline:
+the checkpoint loaded afresh by transformers, none of the engine's changes to its layers) and llama.cpp (`llama-cpp-python`, sequential, same GGUF file, same thread count), on the same
 prompts and token ids, greedy, `max_new_tokens` each. Output tokens/s for each and the ratios, and
 how many of our outputs equal the one-at-a-time outputs token for token (the exactness check)."""
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import asdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,8 +34,23 @@ def run_ours(engine: Engine, items: list[Tokenized], max_new_tokens: int) -> tup
     return [g.token_ids for g in out.value], out.seconds
 
 
-def run_hf_one_at_a_time(engine: Engine, items: list[Tokenized], max_new_tokens: int) -> tuple[list[list[int]], float]:
-    lm, eos = engine.model.lm, sorted(engine.eos_ids)
+def stock_model(engine: Engine, model_dir: Path) -> Any:
+    """The engine's checkpoint as a user loads it with transformers (`AutoModelForCausalLM`, the
+    engine's dtype and device, SDPA attention): a model of its own, so none of the engine's changes
+    to its layers (oneDNN linear layers, fused norms, packed attention, the int8 word table's output
+    layer) reach the naive baseline."""
+    from transformers import AutoModelForCausalLM
+
+    placement = engine.model.placement
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=placement.dtype, use_safetensors=True,
+                                                attn_implementation="sdpa").to(placement.device).eval()
+
+
+def run_hf_one_at_a_time(lm: Any, engine: Engine, items: list[Tokenized],
+                         max_new_tokens: int) -> tuple[list[list[int]], float]:
+    """`lm.generate` on each prompt in turn (`lm` from `stock_model`), greedy, stopping at the
+    engine's end-of-turn ids; the engine lends only its tokenizer's pad id and its device."""
+    eos = sorted(engine.eos_ids)
 
     def one(ids: tuple[int, ...]) -> list[int]:
         with torch.inference_mode():
@@ -84,9 +101,10 @@ def text_agreement(texts: list[str], reference: list[str]) -> dict[str, Any]:
             "mean_shared_prefix": sum(shares) / max(len(shares), 1)}
 
 
-def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, naive_every: int = 1,
-            int4: Engine | None = None) -> dict[str, Any]:
-    """`naive_every` > 1 runs the slow one-at-a-time baseline on every k-th prompt only (a quick run);
+def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, model_dir: Path,
+            naive_every: int = 1, int4: Engine | None = None) -> dict[str, Any]:
+    """`model_dir`: the engine's prepared checkpoint, which the naive baseline loads afresh
+    (`stock_model`). `naive_every` > 1 runs the slow one-at-a-time baseline on every k-th prompt only (a quick run);
     its rate is then over that subset, which spans the same length range. `int4`, an engine built
     with `--quantize int4` (lossy), is timed on the same prompts beside the exact one; its outputs
     and llama.cpp's are compared with our exact outputs as text."""
@@ -111,12 +129,19 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, na
     decode = engine.tokenizer.decode
     ours_texts = [decode(t, skip_special_tokens=True) for t in ours_tokens]
     subset = list(range(0, len(items), naive_every))
-    naive_tokens, naive_s = run_hf_one_at_a_time(engine, [items[i] for i in subset], max_new_tokens)
+    stock = stock_model(engine, model_dir)
+    try:
+        run_hf_one_at_a_time(stock, engine, items[:1], 4)  # warm, as ours was
+        naive_tokens, naive_s = run_hf_one_at_a_time(stock, engine, [items[i] for i in subset], max_new_tokens)
+    finally:
+        del stock
+        gc.collect()
     result: dict[str, Any] = {
         "prompts": len(items), "prompt_tokens": sum(len(i.ids) for i in items), "max_new_tokens": max_new_tokens,
         "threads": threads,
         "ours": {"tokens": sum(map(len, ours_tokens)), "seconds": ours_s},
-        "hf_one_at_a_time": {"prompts": len(subset), "tokens": sum(map(len, naive_tokens)), "seconds": naive_s},
+        "hf_one_at_a_time": {"prompts": len(subset), "tokens": sum(map(len, naive_tokens)), "seconds": naive_s,
+                             "model": "stock"},
         "greedy_agreement": agreement([ours_tokens[i] for i in subset], naive_tokens),
     }
     if decoder.screen_wanted:  # the same engine with every word of the output layer scored in fp32

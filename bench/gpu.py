@@ -30,6 +30,7 @@ figures (greedy tokens, cosines) between two modes then say nothing about qualit
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import shutil
@@ -45,7 +46,7 @@ import torch
 
 from bench.common import attention_flops, chosen_sections, embed_texts, flops_per_token, machine, table, timed
 from bench.embedding import cosine_min, linear_shapes, run_naive
-from bench.generation import agreement, prompts, run_hf_one_at_a_time, run_ours
+from bench.generation import agreement, prompts, run_hf_one_at_a_time, run_ours, stock_model
 from worker.corpus import stdlib_docstrings
 from worker.engine import Engine, build_engine
 from worker.settings import Settings
@@ -237,11 +238,19 @@ def batch_sweep(engine: Engine, texts: list[str], sizes: tuple[int, ...] = (64, 
             for size, runs in times.items()]
 
 
-def generation(engine: Engine, items: list[Any], naive_every: int, bandwidth: float, rate: float) -> dict[str, Any]:
+def generation(engine: Engine, path: Path, items: list[Any], naive_every: int, bandwidth: float,
+               rate: float) -> dict[str, Any]:
     (ours_tokens, _), ours_s, ours_runs = warm_then_time(lambda: run_ours(engine, items, NEW_TOKENS))
     subset = [items[i] for i in range(0, len(items), naive_every)]
-    run_hf_one_at_a_time(engine, subset[:2], NEW_TOKENS)
-    naive_tokens, naive_s = run_hf_one_at_a_time(engine, subset, NEW_TOKENS)
+    stock = stock_model(engine, path)  # the checkpoint as transformers loads it: none of the engine's changes
+    try:
+        run_hf_one_at_a_time(stock, engine, subset[:2], NEW_TOKENS)
+        naive_tokens, naive_s = run_hf_one_at_a_time(stock, engine, subset, NEW_TOKENS)
+    finally:
+        del stock
+        gc.collect()
+        if engine.device.type == "cuda":
+            torch.cuda.empty_cache()
     lengths = [len(i.ids) for i in items]
     produced = sum(map(len, ours_tokens))
     floor = decode_floor(engine, lengths, NEW_TOKENS, bandwidth, rate)
@@ -258,6 +267,7 @@ def generation(engine: Engine, items: list[Any], naive_every: int, bandwidth: fl
             "greedy_head": blocks,
             "ours": {"tokens": produced, "seconds": ours_s, "runs": ours_runs, "tokens_per_s": produced / ours_s},
             "hf_one_at_a_time": {"prompts": len(subset), "tokens": sum(map(len, naive_tokens)), "seconds": naive_s,
+                                 "model": "stock",
                                  "tokens_per_s": sum(map(len, naive_tokens)) / naive_s},
             "greedy_agreement": agreement(ours_tokens[::naive_every], naive_tokens),
             "floor": {"seconds": floor, "fraction_reached": floor / ours_s,
@@ -501,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         items = prompts(engine, sizes["prompts"])
         if "generation" in wanted:
             gen = section(results, "generation",
-                          lambda: generation(engine, items, sizes["naive_every"], bandwidth, rate), out)
+                          lambda: generation(engine, path, items, sizes["naive_every"], bandwidth, rate), out)
         if engine.device.type == "cuda":
             results["device"]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         base_tokens = gen.pop("tokens") if gen else None

@@ -166,13 +166,37 @@ def test_section_lists_keep_their_order_and_name_what_is_unknown() -> None:
         chosen_sections("embedding,bogus", SECTIONS)
 
 
-def test_the_generation_section_times_the_head_screen_against_the_full_layer(engine) -> None:
+def test_the_naive_baseline_runs_on_the_checkpoint_as_transformers_loads_it(engine, settings) -> None:
+    from bench.generation import prompts, run_hf_one_at_a_time, stock_model
+    from worker.model.source import prepare_model
+
+    def replaced_forwards(lm) -> list[str]:
+        return [name for name, m in lm.named_modules() if "forward" in vars(m)]
+
+    # Given the engine (whose model's layers it changed: fused norms, oneDNN linear layers, the
+    # word table's output layer) / When the naive baseline's model is loaded
+    stock = stock_model(engine, prepare_model(settings.model, settings.cache_dir).path)
+    # Then it is a model of its own, with transformers' own forwards everywhere
+    assert stock is not engine.model.lm and replaced_forwards(engine.model.lm)
+    assert replaced_forwards(stock) == []
+    assert stock.config._attn_implementation == "sdpa" and stock.dtype == engine.model.placement.dtype
+    # and its greedy tokens, one prompt at a time, are the engine's
+    items = prompts(engine, 2)
+    naive, seconds = run_hf_one_at_a_time(stock, engine, items, 8)
+    assert seconds > 0 and naive == [g.token_ids for g in engine.generate_tokenized(items, max_new_tokens=8)]
+
+
+def test_the_generation_section_times_the_head_screen_against_the_full_layer(engine, settings) -> None:
     from bench.generation import measure, render
+    from worker.model.source import prepare_model
 
     # Given the real engine with its head screen built (as a worker's is once greedy work earned it
     # and it beat the full layer), a few prompts and no llama.cpp / When the generation section runs
     engine.decoder.ensure_screen()
-    got = measure(engine, n=4, max_new_tokens=8, gguf=None, naive_every=4)
+    got = measure(engine, n=4, max_new_tokens=8, gguf=None, naive_every=4,
+                  model_dir=prepare_model(settings.model, settings.cache_dir).path)
+    # Then the naive baseline (a stock model) gave our tokens on its prompt
+    assert got["hf_one_at_a_time"]["model"] == "stock" and got["greedy_agreement"]["identical"] == 1
     # Then the same engine ran again with every word scored in fp32, with the same tokens,
     screen = got["head_screen"]
     assert got["ours_full_head"]["tokens"] == got["ours"]["tokens"] and got["ours_full_head"]["seconds"] > 0
