@@ -66,8 +66,25 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@torch.library.custom_op("gemma_batch::onednn_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+def _opaque_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's linear as an operator `torch.compile` calls as it is. Inductor lowers
+    `mkldnn._linear_pointwise` itself only for weights frozen into the graph as constants, and
+    fails on the module parameters the engine's compiled forward pass takes as inputs."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_opaque_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`torch.nn.functional.linear` through oneDNN (any number of leading dimensions)."""
+    """`torch.nn.functional.linear` through oneDNN (any number of leading dimensions). Inside a
+    `torch.compile`d graph (`--compile`) the same call, as an operator the graph does not lower."""
+    if torch.compiler.is_compiling():
+        return _opaque_linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 

@@ -1,5 +1,6 @@
 """`--compile`: the embedding forward pass through torch.compile, compiled at startup for every
-shape regime, giving the eager vectors (to float rounding). A small Gemma 3 with random weights and
+shape regime, giving the eager vectors (to float rounding), with the body's linear layers on
+PyTorch's `linear` or on oneDNN's. A small Gemma 3 with random weights and
 the real tokenizer stands in for the 270M model: compiling that takes minutes on two cores, and
 what is tested here (the swap, the shapes, the agreement) does not depend on the size."""
 from __future__ import annotations
@@ -13,12 +14,15 @@ from torch._dynamo.utils import counters
 from transformers import Gemma3ForCausalLM
 
 from worker.engine import Engine
+from worker.model import onednn
 from worker.model.loader import LoadedModel, fuse_norms
 from worker.settings import Settings
 
 
-@pytest.fixture(scope="module")
-def small_engine(engine: Engine) -> Engine:
+@pytest.fixture(scope="module", params=["linear", "onednn"])
+def small_engine(engine: Engine, request: pytest.FixtureRequest) -> Engine:
+    """The small model with its linear layers on PyTorch's `linear`, or switched to oneDNN's as the
+    loader switches them where its probe finds oneDNN faster (worker/model/onednn.py)."""
     config = engine.model.lm.config.get_text_config().__class__.from_dict(engine.model.lm.config.get_text_config().to_dict())
     config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
                    "num_key_value_heads": 1, "head_dim": 32, "layer_types": ["sliding_attention", "full_attention"],
@@ -26,6 +30,8 @@ def small_engine(engine: Engine) -> Engine:
     torch.manual_seed(0)
     lm = Gemma3ForCausalLM(config).eval()
     fuse_norms(lm)
+    if request.param == "onednn":
+        assert onednn.use_onednn(lm.get_decoder()) == 2 * 7
     model = LoadedModel(name="small-random-gemma3", body=lm.get_decoder(), lm=lm, tokenizer=engine.tokenizer,
                         placement=engine.model.placement, max_positions=512, hidden_size=64, load_seconds=0.0)
     return Engine(model, max_input_tokens=200, token_budget=1024, max_batch_size=64, max_new_tokens=16)
