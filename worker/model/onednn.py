@@ -9,7 +9,8 @@ differ between call sizes. Which is faster depends on the CPU, so `choose` times
 model's shapes when the model loads (load and warm-up took 0.2-0.5 s longer with it) and switches
 only where oneDNN wins by `FASTER` and agrees with `linear` to fp32 rounding; the layers stay
 `nn.Linear` modules with their weights, only their forward changes (`use_onednn`, undone by
-`use_default`).
+`use_default`). Under `--compile` the compiled graph calls oneDNN through an operator of this
+module's own (`gemma_batch::onednn_linear`), which inductor leaves as it is.
 
 Not for quantized layers (`--quantize` replaces the modules it changes), the output layer (the
 word table and the greedy head's screens serve it), or a GPU.
