@@ -1,5 +1,6 @@
 """Generation: our engine against Hugging Face `generate` one prompt at a time (the naive baseline:
-the checkpoint loaded afresh by transformers, none of the engine's changes to its layers) and llama.cpp (`llama-cpp-python`, sequential, same GGUF file, same thread count), on the same
+the checkpoint loaded afresh by transformers, none of the engine's changes to its layers) and
+llama.cpp (`llama-cpp-python`, sequential, same GGUF file, same thread count), on the same
 prompts and token ids, greedy, `max_new_tokens` each. Output tokens/s for each and the ratios, and
 how many of our outputs equal the one-at-a-time outputs token for token (the exactness check)."""
 from __future__ import annotations
@@ -65,6 +66,21 @@ def run_hf_one_at_a_time(lm: Any, engine: Engine, items: list[Tokenized],
     return done.value, done.seconds
 
 
+def time_stock_one_at_a_time(engine: Engine, model_dir: Path, items: list[Tokenized], max_new_tokens: int, *,
+                             warm: list[Tokenized], warm_tokens: int) -> tuple[list[list[int]], float]:
+    """The naive baseline end to end: `stock_model` loaded, warmed on `warm` (untimed), timed on
+    `items`, then freed (its memory back before the next contender runs)."""
+    stock = stock_model(engine, model_dir)
+    try:
+        run_hf_one_at_a_time(stock, engine, warm, warm_tokens)
+        return run_hf_one_at_a_time(stock, engine, items, max_new_tokens)
+    finally:
+        del stock
+        gc.collect()
+        if engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def run_llama_cpp(gguf: str, items: list[Tokenized], max_new_tokens: int,
                   threads: int) -> tuple[list[tuple[int, str]], float, float]:
     """(token count, text) per prompt, seconds, and the load time. Prompts go in as our token ids
@@ -104,8 +120,8 @@ def text_agreement(texts: list[str], reference: list[str]) -> dict[str, Any]:
 def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, model_dir: Path,
             naive_every: int = 1, int4: Engine | None = None) -> dict[str, Any]:
     """`model_dir`: the engine's prepared checkpoint, which the naive baseline loads afresh
-    (`stock_model`). `naive_every` > 1 runs the slow one-at-a-time baseline on every k-th prompt only (a quick run);
-    its rate is then over that subset, which spans the same length range. `int4`, an engine built
+    (`stock_model`). `naive_every` > 1 runs the slow one-at-a-time baseline on every k-th prompt
+    only (a quick run); its rate is then over that subset, which spans the same length range. `int4`, an engine built
     with `--quantize int4` (lossy), is timed on the same prompts beside the exact one; its outputs
     and llama.cpp's are compared with our exact outputs as text."""
     items = prompts(engine, n)
@@ -129,13 +145,8 @@ def measure(engine: Engine, *, n: int, max_new_tokens: int, gguf: str | None, mo
     decode = engine.tokenizer.decode
     ours_texts = [decode(t, skip_special_tokens=True) for t in ours_tokens]
     subset = list(range(0, len(items), naive_every))
-    stock = stock_model(engine, model_dir)
-    try:
-        run_hf_one_at_a_time(stock, engine, items[:1], 4)  # warm, as ours was
-        naive_tokens, naive_s = run_hf_one_at_a_time(stock, engine, [items[i] for i in subset], max_new_tokens)
-    finally:
-        del stock
-        gc.collect()
+    naive_tokens, naive_s = time_stock_one_at_a_time(engine, model_dir, [items[i] for i in subset], max_new_tokens,
+                                                     warm=items[:1], warm_tokens=4)  # warmed, as ours was
     result: dict[str, Any] = {
         "prompts": len(items), "prompt_tokens": sum(len(i.ids) for i in items), "max_new_tokens": max_new_tokens,
         "threads": threads,

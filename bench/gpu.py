@@ -30,7 +30,6 @@ figures (greedy tokens, cosines) between two modes then say nothing about qualit
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import shutil
@@ -46,7 +45,7 @@ import torch
 
 from bench.common import attention_flops, chosen_sections, embed_texts, flops_per_token, machine, table, timed
 from bench.embedding import cosine_min, linear_shapes, run_naive
-from bench.generation import agreement, prompts, run_hf_one_at_a_time, run_ours, stock_model
+from bench.generation import agreement, prompts, run_ours, time_stock_one_at_a_time
 from worker.corpus import stdlib_docstrings
 from worker.engine import Engine, build_engine
 from worker.settings import Settings
@@ -242,15 +241,8 @@ def generation(engine: Engine, path: Path, items: list[Any], naive_every: int, b
                rate: float) -> dict[str, Any]:
     (ours_tokens, _), ours_s, ours_runs = warm_then_time(lambda: run_ours(engine, items, NEW_TOKENS))
     subset = [items[i] for i in range(0, len(items), naive_every)]
-    stock = stock_model(engine, path)  # the checkpoint as transformers loads it: none of the engine's changes
-    try:
-        run_hf_one_at_a_time(stock, engine, subset[:2], NEW_TOKENS)
-        naive_tokens, naive_s = run_hf_one_at_a_time(stock, engine, subset, NEW_TOKENS)
-    finally:
-        del stock
-        gc.collect()
-        if engine.device.type == "cuda":
-            torch.cuda.empty_cache()
+    naive_tokens, naive_s = time_stock_one_at_a_time(engine, path, subset, NEW_TOKENS, warm=subset[:2],
+                                                     warm_tokens=NEW_TOKENS)
     lengths = [len(i.ids) for i in items]
     produced = sum(map(len, ours_tokens))
     floor = decode_floor(engine, lengths, NEW_TOKENS, bandwidth, rate)

@@ -1,5 +1,5 @@
 """The engine against the checkpoint as transformers runs it, untouched: `AutoModelForCausalLM`
-loaded afresh (fp32, SDPA), none of the engine's changes to its layers (fused norms, packed
+loaded afresh (fp32, SDPA; `bench.generation.stock_model`, the bench's naive baseline), none of the engine's changes to its layers (fused norms, packed
 attention, oneDNN linear layers, the int8 word table's output layer), each input on its own.
 Every optimisation has its own test beside its code; this one holds them all together, end to
 end, to the issue's standard: greedy tokens identical, embeddings at cosine 0.9999 or more."""
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.generation import run_hf_one_at_a_time, stock_model
 from worker.engine import Engine
 from worker.model.source import prepare_model
 from worker.settings import Settings
@@ -20,11 +21,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def stock(engine: Engine, settings: Settings) -> Iterator[torch.nn.Module]:
-    from transformers import AutoModelForCausalLM
-
-    path = prepare_model(settings.model, settings.cache_dir).path
-    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True,
-                                              attn_implementation="sdpa").eval()
+    lm = stock_model(engine, prepare_model(settings.model, settings.cache_dir).path)
     assert not [name for name, m in lm.named_modules() if "forward" in vars(m)]  # transformers' own code
     yield lm
     del lm
@@ -66,14 +63,8 @@ def test_greedy_tokens_match_the_untouched_models_generate_one_prompt_at_a_time(
     plan = engine.plan_generate(items, max_new_tokens=NEW_TOKENS, constrained=False)
     assert {merged for _, merged in plan} == {True, False}
     ours = engine.generate_tokenized(items, max_new_tokens=NEW_TOKENS)
-    # When the untouched model's own `generate` runs each prompt alone, greedy
-    eos = sorted(engine.eos_ids)
-    for item, got in zip(items, ours):
-        with torch.inference_mode():
-            out = stock.generate(input_ids=torch.tensor([item.ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 top_k=None, top_p=None, temperature=None, eos_token_id=eos,
-                                 pad_token_id=engine.tokenizer.pad_token_id)
-        row = out[0, len(item.ids):].tolist()
-        cut = next((j for j, t in enumerate(row) if t in engine.eos_ids), len(row))
-        # Then the engine's tokens are the untouched model's, token for token
-        assert got.token_ids == row[:cut], (len(item.ids), got.token_ids, row[:cut])
+    # When the untouched model's own `generate` runs each prompt alone, greedy (the bench's naive baseline)
+    reference, _ = run_hf_one_at_a_time(stock, engine, items, NEW_TOKENS)
+    # Then the engine's tokens are the untouched model's, token for token
+    for item, got, row in zip(items, ours, reference):
+        assert got.token_ids == row, (len(item.ids), got.token_ids, row)
