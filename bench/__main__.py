@@ -5,9 +5,11 @@
     python -m bench --sections embedding --sweep
     python -m bench --sections compile       # embedding with --compile against eager
     python -m bench --sections head          # the greedy head's screens against the full layer (a few minutes)
+    python -m bench --sections window        # prompts past the sliding window: merged decoder against `generate`
 
 Sections, each measured in this one process against peers on the same inputs (see each module):
-generation and continuous batching against fixed waves (bench/generation.py), the greedy head's
+generation, continuous batching against fixed waves, and prompts past the sliding window through
+the merged decoder against `generate` batches (bench/generation.py), the greedy head's
 screens against the full output layer (bench/head.py), embedding and
 embedding with --compile against eager
 (bench/embedding.py), pipeline efficiency, cold start and memory (bench/pipeline.py), and the
@@ -34,9 +36,9 @@ from worker.model.source import prepare_model
 from worker.settings import EMBEDDED_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("generation", "refill", "head", "embedding", "compile", "pipeline", "int8", "int4", "bf16")
-FULL = {"prompts": 64, "head_prompts": 16, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000, "int8_texts": 500, "int8_prompts": 16}
-QUICK = {"prompts": 16, "head_prompts": 4, "naive_every": 4, "texts": 300, "pipeline_texts": 300, "int8_texts": 100, "int8_prompts": 4}
+SECTIONS = ("generation", "refill", "window", "head", "embedding", "compile", "pipeline", "int8", "int4", "bf16")
+FULL = {"prompts": 64, "head_prompts": 16, "window_prompts": 24, "naive_every": 1, "texts": 2000, "pipeline_texts": 2000, "int8_texts": 500, "int8_prompts": 16}
+QUICK = {"prompts": 16, "head_prompts": 4, "window_prompts": 4, "naive_every": 4, "texts": 300, "pipeline_texts": 300, "int8_texts": 100, "int8_prompts": 4}
 
 
 class PeerMissing(RuntimeError):
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        generation.render),
         "refill": (lambda: generation.refill(engine, n=sizes["prompts"], max_new_tokens=64, stop=["."]),
                    generation.render_refill),
+        "window": (lambda: generation.past_window(engine, n=sizes["window_prompts"], max_new_tokens=64),
+                   generation.render_past_window),
         "head": (lambda: head.measure(engine, n=sizes["head_prompts"]), head.render),
         "embedding": (lambda: embedding.measure(engine, settings, n=sizes["texts"]), embedding.render),
         "compile": (lambda: embedding.compiled(engine, n=sizes["texts"]), embedding.render_compiled),

@@ -2,6 +2,7 @@
 
     python -m bench.constrained                  # 8 graph-extraction prompts, 192 new tokens
     python -m bench.constrained --docs 4 --max-tokens 96 --backends xgrammar,llguidance
+    python -m bench.constrained --docs 10 --max-tokens 150 --routes 2   # merged decoder against `generate`
 
 Measured in one process, one after another, on the engine the settings build: the unconstrained
 batch (the baseline), then the same prompts under the `GraphChunk` schema (worker/constrained.py,
@@ -9,7 +10,10 @@ xgrammar). Prints tokens/s of each and their ratio, and how many constrained out
 validate. `--backends` then replays the constrained outputs' tokens through each grammar library
 named (mask fill, mask apply and token accept per step, the per-token work a backend adds to
 decoding; compile and tokenizer set-up times; whether it accepts the valid sequences and rejects a
-corrupted one), so libraries are compared on identical token streams. JSON goes to bench/results/.
+corrupted one), so libraries are compared on identical token streams. `--routes N` then times the
+constrained prompts through the merged decoder (greedy constrained rows' route, drafts included)
+against `generate` batches (their route before), alternating, N times each, tokens compared.
+JSON goes to bench/results/.
 """
 from __future__ import annotations
 
@@ -49,13 +53,48 @@ def decode(engine: Engine, texts: list[str], *, max_tokens: int, schema: dict | 
             valid += g.finish_reason == "stop"
         except ValidationError:
             pass
-    # A batch decodes until its longest row ends, so per-step time shows the grammar's cost apart
-    # from rows that finished early and ride along as padding.
+    # Time per token of the longest row (a decode step each through `generate`, fewer steps with the
+    # merged decoder's drafts): the grammar's cost apart from how many rows ended early.
     steps = max(len(g.token_ids) for g in out)
     return {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 2),
             "steps": steps, "ms_per_step": round(seconds / max(steps, 1) * 1000, 1),
             "valid": valid, "rows": len(out), "truncated": sum(g.finish_reason == "length" for g in out),
             "token_ids": [g.token_ids for g in out]}
+
+
+def routes(engine: Engine, texts: list[str], *, max_tokens: int, repeats: int) -> dict[str, Any]:
+    """The constrained prompts through the merged decoder and through `generate` batches, alternately
+    (generate, merged, merged, generate, ...): seconds of each run, the best's ratio, identical rows."""
+    from bench.generation import generate_batches
+
+    items = engine.tokenize(texts, truncate=False, what="prompt")
+    grammar = engine.check_response_schema(GRAPH_SCHEMA)
+    decoder = engine.decoder
+
+    def merged() -> list[list[int]]:
+        return [g.token_ids for g in engine.generate_tokenized(items, max_new_tokens=max_tokens,
+                                                               response_schema=GRAPH_SCHEMA)]
+
+    def batches() -> list[list[int]]:
+        return generate_batches(engine, items, max_new_tokens=max_tokens, grammar=grammar)
+
+    times: dict[str, list[float]] = {"generate": [], "merged": []}
+    outs: dict[str, list[list[int]]] = {}
+    drafts = {}
+    for k in range(repeats):
+        for name, fn in ((("generate", batches), ("merged", merged)) if k % 2 == 0
+                         else (("merged", merged), ("generate", batches))):
+            before = decoder.drafted, decoder.accepted, decoder.steps
+            started = time.monotonic()
+            outs[name] = fn()
+            times[name].append(round(time.monotonic() - started, 2))
+            if name == "merged":
+                drafts = dict(zip(("drafted", "accepted", "steps"),
+                                  (a - b for a, b in zip((decoder.drafted, decoder.accepted, decoder.steps), before))))
+    return {"generate_seconds": times["generate"], "merged_seconds": times["merged"],
+            "speedup": round(min(times["generate"]) / min(times["merged"]), 3),
+            "identical": sum(a == b for a, b in zip(outs["merged"], outs["generate"])), "rows": len(items),
+            "tokens": sum(map(len, outs["merged"])), "merged_drafts": drafts}
 
 
 class XGrammarRows:
@@ -161,6 +200,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=192)
     parser.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward batch")
     parser.add_argument("--backends", default="", help="comma-separated: xgrammar,llguidance")
+    parser.add_argument("--routes", type=int, default=0,
+                        help="time the merged decoder against `generate` batches, this many times each")
     args = parser.parse_args()
     engine = build_engine(Settings(device="cpu", token_budget=args.token_budget))
     texts = prompts(args.docs)
@@ -187,11 +228,17 @@ def main() -> None:
     for name in filter(None, args.backends.split(",")):
         backends[name] = replay(name, engine, streams)
         print(f"backend {name}: {backends[name]}")
+    compared = routes(engine, texts, max_tokens=args.max_tokens, repeats=args.routes) if args.routes else None
+    if compared is not None:
+        print(f"constrained through the merged decoder {compared['merged_seconds']} s against `generate` batches "
+              f"{compared['generate_seconds']} s: {compared['speedup']:.2f}x, identical {compared['identical']} of "
+              f"{compared['rows']} ({compared['tokens']} tokens; merged drafts {compared['merged_drafts']})")
     report = {"machine": platform.platform(), "prompts": len(texts), "max_tokens": args.max_tokens,
               "token_budget": engine.token_budget, "setup_s": round(setup_s, 2),
               "unconstrained": {k: v for k, v in plain.items() if k != "token_ids"},
               "constrained": {k: v for k, v in constrained.items() if k != "token_ids"},
-              "ratio": round(ratio, 3), "step_time_ratio": round(step_ratio, 3), "backends": backends}
+              "ratio": round(ratio, 3), "step_time_ratio": round(step_ratio, 3), "backends": backends,
+              "routes": compared}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"constrained-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

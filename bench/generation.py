@@ -22,11 +22,12 @@ from worker.engine import Engine, Tokenized, plan_batches
 log = logging.getLogger(__name__)
 
 
-def prompts(engine: Engine, n: int, *, longest: int = 400) -> list[Tokenized]:
-    """n chat prompts over real docstrings, from a few dozen tokens to about `longest`."""
+def prompts(engine: Engine, n: int, *, longest: int = 400, shortest: int = 0) -> list[Tokenized]:
+    """n chat prompts over real docstrings, from a few dozen tokens (or `shortest`) to about `longest`."""
     docs = [" ".join(d.split()) for d in stdlib_docstrings(min_chars=20, max_chars=4000)]
     items = engine.tokenize([chat_prompt(d) for d in docs], truncate=True, what="prompt")
-    picked = mixed_length([len(it.ids) for it in items], n, longest=longest)
+    lengths = [len(it.ids) if len(it.ids) >= shortest else longest + 1 for it in items]  # too short: left out
+    picked = mixed_length(lengths, n, longest=longest)
     return [items[i] for i in picked]
 
 
@@ -333,3 +334,62 @@ def render_refill(r: dict[str, Any]) -> str:
                 ["fixed waves", min(r["waves_seconds"]), " ".join(f"{t:.1f}" for t in r["waves_seconds"])],
                 ["continuous", min(r["continuous_seconds"]), " ".join(f"{t:.1f}" for t in r["continuous_seconds"])]])
             + f"\n  continuous is {r['speedup']:.2f}x fixed waves; identical outputs {r['identical']} of {r['prompts']}")
+
+
+def generate_batches(engine: Engine, items: list[Tokenized], *, max_new_tokens: int,
+                     grammar: Any = None) -> list[list[int]]:
+    """Greedy tokens of `items` through `generate` batches, as the engine runs work the merged
+    decoder does not take (`Engine.plan_generate` with merged=False; greedy rows choosing through
+    `best_allowed`), under `grammar` (a `CompiledSchema`) if given."""
+    out: list[list[int]] = [[] for _ in items]
+    for batch, _ in engine.plan_generate(items, max_new_tokens=max_new_tokens, merged=False):
+        rows = [items[i].ids for i in batch]
+        got = engine._generate_batch(rows, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, stop=[],
+                                     seeds=[0] * len(rows), grammar=grammar)
+        for i, (ids, _) in zip(batch, got):
+            out[i] = ids
+    return out
+
+
+def past_window(engine: Engine, *, n: int, max_new_tokens: int, shortest: int = 300, longest: int = 1000,
+                repeats: int = 2) -> dict[str, Any]:
+    """Prompts on both sides of the sliding window (`shortest` to `longest` tokens, so most rows
+    cross it while decoding), greedy: the merged decoder, which holds rows of any length, against
+    `generate` batches as the engine ran such prompts before it did (planned under `generate`'s
+    key/value budget, greedy rows choosing through `best_allowed`), alternately `repeats` times each (the best
+    counts); outputs must be identical."""
+    items = prompts(engine, n, longest=longest, shortest=shortest)
+
+    def merged() -> list[list[int]]:
+        return [g.token_ids for g in engine.generate_tokenized(items, max_new_tokens=max_new_tokens)]
+
+    def batches() -> list[list[int]]:
+        return generate_batches(engine, items, max_new_tokens=max_new_tokens)
+
+    times: dict[str, list[float]] = {"generate": [], "merged": []}
+    outs: dict[str, list[list[int]]] = {}
+    for k in range(repeats):
+        for name, fn in ((("generate", batches), ("merged", merged)) if k % 2 == 0
+                         else (("merged", merged), ("generate", batches))):
+            run = timed(fn)
+            times[name].append(run.seconds)
+            outs[name] = run.value
+    window = getattr(engine.decoder.config, "sliding_window", None) if engine.decoder is not None else None
+    lengths = [len(it.ids) for it in items]
+    return {"prompts": len(items), "prompt_tokens": sum(lengths), "shortest": min(lengths), "longest": max(lengths),
+            "sliding_window": window, "past_window": sum(k > (window or 10**9) for k in lengths),
+            "crossing": sum(k <= (window or 10**9) < k + max_new_tokens for k in lengths),
+            "max_new_tokens": max_new_tokens, "output_tokens": sum(map(len, outs["merged"])),
+            "identical": sum(a == b for a, b in zip(outs["merged"], outs["generate"])),
+            "generate_seconds": times["generate"], "merged_seconds": times["merged"],
+            "speedup": min(times["generate"]) / min(times["merged"])}
+
+
+def render_past_window(r: dict[str, Any]) -> str:
+    return (f"PAST THE SLIDING WINDOW: {r['prompts']} prompts of {r['shortest']}-{r['longest']} tokens "
+            f"({r['past_window']} past the {r['sliding_window']}-token window, {r['crossing']} crossing it while "
+            f"decoding), {r['max_new_tokens']} new tokens, greedy: {r['output_tokens']} output tokens\n"
+            + table(["decode", "best s", "runs"], [
+                ["generate batches", min(r["generate_seconds"]), " ".join(f"{t:.1f}" for t in r["generate_seconds"])],
+                ["merged decoder", min(r["merged_seconds"]), " ".join(f"{t:.1f}" for t in r["merged_seconds"])]])
+            + f"\n  merged is {r['speedup']:.2f}x generate batches; identical outputs {r['identical']} of {r['prompts']}")

@@ -1,7 +1,8 @@
 """JSON-Schema-constrained decoding with xgrammar: the decoded text of a constrained row is JSON
 of the schema by construction. One `SchemaGrammars` per engine holds the tokenizer info (built
 once) and the compiled grammars (once per schema, keyed by canonical JSON); `GrammarRows` is
-the logits processor that gives each row of a batched `generate` its own matcher."""
+the logits processor that gives each row of a batched `generate` its own matcher (sampled rows),
+`MatcherRows` the same for greedy rows of the merged decoder, drafts included (worker/decode.py)."""
 from __future__ import annotations
 
 import json
@@ -170,3 +171,75 @@ class GrammarRows(LogitsProcessor):
                 continue  # the row already ended; what follows is padding
             if not self.matchers[i].accept_token(last_tokens[i]):
                 self.failed[i] = True  # cannot happen under the mask; end the row rather than emit garbage
+
+
+class MatcherRows:
+    """Grammar matchers for the constrained rows of the merged decoder (worker/decode.py `Rules`),
+    keyed by the row's index in the decoder's call. A row's masks are what `GrammarRows` gives the
+    same row in a `generate` batch: the words its grammar permits next, only end-of-sequence once
+    its value is complete (or, should a token ever be refused, once it failed)."""
+
+    def __init__(self, grammars: Mapping[int, CompiledSchema], *, eos_token_ids: Iterable[int], vocab_size: int) -> None:
+        self.matchers = {row: xgr.GrammarMatcher(g.grammar) for row, g in grammars.items()}
+        self.eos = sorted(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.failed: set[int] = set()
+        self._bits = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
+
+    def allowed(self, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Bool (positions, vocabulary): for each (row, drafts), the words permitted after the row's
+        accepted tokens, then after each of its drafts in turn (1 + len(drafts) positions a row; a
+        row's positions after a draft its grammar refuses permit nothing, as the model cannot
+        choose that draft there). The matchers end as they began."""
+        count = sum(1 + len(drafts) for _, drafts in rows)
+        bitmask = xgr.allocate_token_bitmask(count, self.vocab_size)
+        bitmask.zero_()
+        at = 0
+        for row, drafts in rows:
+            matcher = self.matchers[row]
+            if self._ended(row):
+                for j in range(1 + len(drafts)):
+                    for eos in self.eos:
+                        bitmask[at + j, eos // 32] |= 1 << (eos % 32)
+                at += 1 + len(drafts)
+                continue
+            taken = 0
+            for j in range(1 + len(drafts)):
+                matcher.fill_next_token_bitmask(bitmask, at + j)
+                if j == len(drafts) or matcher.is_terminated() or not matcher.accept_token(drafts[j]):
+                    break
+                taken += 1
+            if taken:
+                matcher.rollback(taken)
+            at += 1 + len(drafts)
+        # bit k of the bitmask's byte i (little-endian int32 words) is word 8 i + k
+        words = (bitmask.view(torch.uint8)[:, :, None] & self._bits).ne(0)
+        return words.reshape(count, -1)[:, : self.vocab_size]
+
+    def permitted(self, row: int, drafts: list[int]) -> list[int]:
+        """The longest head of `drafts` the row's grammar would take from where it is (the model
+        cannot choose a refused draft, so scoring one and what follows it is wasted)."""
+        matcher = self.matchers[row]
+        if self._ended(row):
+            return []
+        taken = 0
+        for token in drafts:
+            if matcher.is_terminated() or not matcher.accept_token(token):
+                break
+            taken += 1
+        if taken:
+            matcher.rollback(taken)
+        return drafts[:taken]
+
+    def accept(self, row: int, token: int) -> None:
+        """The row's next token (one its mask permitted)."""
+        if row in self.matchers and not self._ended(row) and not self.matchers[row].accept_token(token):
+            self.failed.add(row)  # cannot happen under the mask; the row is then offered only end-of-sequence
+
+    def complete(self, row: int) -> bool:
+        """Whether the row's value is whole (its JSON closed), for a row that used up its tokens."""
+        matcher = self.matchers.get(row)
+        return matcher is None or (row not in self.failed and (matcher.is_terminated() or matcher.is_completed()))
+
+    def _ended(self, row: int) -> bool:
+        return row in self.failed or self.matchers[row].is_terminated()

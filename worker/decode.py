@@ -9,9 +9,12 @@ layer and the weights are read once per step either way), while a prefill costs 
 rows that already ended. Here prefill pays only for tight groups, and decode only for live rows.
 
 The merged cache holds each row right-aligned (left padding, masked), exactly as `generate` holds a
-left-padded batch, so a row's tokens do not depend on its batch mates beyond float rounding. It is
-used only while every row fits the model's sliding window (then sliding and full attention see the
-same keys); longer work goes through `generate`. See bench/generation.py for the measurements."""
+left-padded batch, so a row's tokens do not depend on its batch mates beyond float rounding. Rows
+of any length are held: the sliding-window layers keep every column, but each step shows them only
+the columns inside each position's window (the mask `generate` builds for them), and only from the
+oldest column any position of the step can see (`_SlidingSlotLayer.start`), so a step's sliding
+attention reads about a window's keys per row however long the row. See bench/generation.py for
+the measurements."""
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -71,6 +75,19 @@ DRAFT_MAX = 15
 DRAFT_NGRAM = 3
 
 
+class Rules(Protocol):
+    """Per-row constraints on greedy rows (worker/constrained.py `MatcherRows`): which words each
+    row may take next, and the tokens it took. Rows are indices into the decoder's `rows`."""
+
+    def allowed(self, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Bool (positions, vocabulary): per (row, drafts), its next position, then after each draft."""
+
+    def permitted(self, row: int, drafts: list[int]) -> list[int]:
+        """The longest head of `drafts` the row's rules would take from where it is."""
+
+    def accept(self, row: int, token: int) -> None: ...
+
+
 class _SlotLayer(DynamicLayer):
     """One layer's keys and values in a buffer sized for the whole decode, written in place (no
     concatenation per step, which would copy the whole cache every token). The buffer holds as many
@@ -111,15 +128,25 @@ class _SlotLayer(DynamicLayer):
 
 
 class _SlidingSlotLayer(_SlotLayer):
-    """A sliding-window layer that never reaches its window (the caller checks), so it attends to
-    exactly what a full layer would; it says it is sliding so masks are built the same way."""
+    """A sliding-window layer's slots: every column is kept (rows share columns, and a row's window
+    moves with its own position), but attention is handed only the columns from `start` on, the
+    oldest any position of the step can see; the step's mask (`Decoder._step`) hides the rest of
+    what lies outside each position's window. A prefill cache of a prompt longer than the window
+    holds only its last `sliding_window - 1` columns (transformers keeps no more); they are copied
+    to the end of the prompt's columns, and the columns before them, zero, are never visible."""
 
     is_sliding = True
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, *, sliding_window: int,
                  rows: int | None = None) -> None:
+        self.start = 0  # the first column attention is handed (set by the decoder before every step)
         super().__init__(keys, values, length, rows=rows)
         self.sliding_window = sliding_window
+
+    def _expose(self) -> None:
+        start = min(self.start, self.length)
+        self.keys = self.keys_buf[: self.rows, :, start: self.length]
+        self.values = self.values_buf[: self.rows, :, start: self.length]
 
     @property
     def cumulative_length(self) -> int:
@@ -175,10 +202,6 @@ def sliding_window(config: object) -> int | None:
     return int(window) if window and "sliding_attention" in types else None
 
 
-def fits(config: object, *, width: int, max_new_tokens: int) -> bool:
-    """Whether a batch this wide can be decoded here: every row must stay inside the sliding window."""
-    window = sliding_window(config)
-    return window is None or width + max_new_tokens < window
 
 
 @dataclass(frozen=True)
@@ -371,7 +394,7 @@ class Decoder:
         words is scored on those alone, from the layer's fp32 rows; the others take the unmasked
         greedy token (`best`, the screen where it applies) when it is permitted, which is then the
         masked answer too, and else the full layer's masked scores (`best_blocked`)."""
-        counts = allowed.sum(dim=1).tolist()
+        counts = allowed.view(torch.uint8).sum(dim=1, dtype=torch.int32).tolist()  # half a bool sum's time
         out = [0] * len(counts)
         source = rows_of(self.head, self.table)
         wide = []
@@ -513,8 +536,9 @@ class Decoder:
             if batch + n > rows:
                 raise ValueError(f"merging {batch + n} rows into a cache of {rows}")
             for index, layer in enumerate(g.cache.layers):
-                keys_bufs[index][batch: batch + n, :, width - g.width: width] = layer.keys
-                values_bufs[index][batch: batch + n, :, width - g.width: width] = layer.values
+                kept = layer.keys.shape[2]  # a sliding layer keeps only its window's last columns
+                keys_bufs[index][batch: batch + n, :, width - kept: width] = layer.keys
+                values_bufs[index][batch: batch + n, :, width - kept: width] = layer.values
                 layer.keys = layer.values = torch.empty(0, dtype=layer.keys.dtype, device=self.device)
             batch += n
         layers: list[_SlotLayer] = []
@@ -528,7 +552,7 @@ class Decoder:
     def run(self, rows: Sequence[Sequence[int]], groups: list[list[int]], *, max_new_tokens: int,
             choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
             finished: Callable[[int, list[int]], bool], slots: int | None = None,
-            max_rows: int | None = None) -> dict[int, list[int]]:
+            max_rows: int | None = None, rules: Rules | None = None) -> dict[int, list[int]]:
         """Generated ids of each row the `groups` name (indices into `rows`), up to `max_new_tokens` each.
 
         Groups are prefill groups, longest prompts first, taken in order: the first ones are merged
@@ -541,7 +565,11 @@ class Decoder:
         `choose(logits, live_rows)` picks the next token of each live row from its logits (None:
         greedy, through `best`, without materialising the logits);
         `finished(row, ids)` says whether a row has ended (its last id was end-of-sequence, a stop
-        string appeared). Finished rows keep their ids and leave the batch."""
+        string appeared). Finished rows keep their ids and leave the batch. `rules` (greedy only):
+        each row takes the best word its rules permit (`best_allowed`), drafts checked position by
+        position against the rules' state after the drafts before them."""
+        if rules is not None and choose is not None:
+            raise ValueError("rules apply to greedy rows only")
         pending = list(groups)
         out: list[list[int]] = [[] for _ in rows]
         drafting = self.draft_tokens if choose is None else 0  # columns a row's drafts need past its new tokens
@@ -562,17 +590,22 @@ class Decoder:
                 first.append(pending.pop(0))
             self._session(rows, first, pending, capacity=capacity, slack=slack if pending else 0,
                           max_new_tokens=max_new_tokens, drafting=drafting, choose=choose, finished=finished,
-                          out=out)
+                          out=out, rules=rules)
         return {i: out[i] for g in groups for i in g}
 
     def _pick(self, hidden: torch.Tensor, live: list[int],
-              choose: Callable[[torch.Tensor, list[int]], list[int]] | None) -> list[int]:
+              choose: Callable[[torch.Tensor, list[int]], list[int]] | None, rules: Rules | None = None) -> list[int]:
+        if rules is not None:
+            tokens = self.best_allowed(hidden, rules.allowed([(row, []) for row in live]))
+            for row, token in zip(live, tokens):
+                rules.accept(row, token)
+            return tokens
         return self.best(hidden) if choose is None else choose(self.logits(hidden), live)
 
     def _session(self, rows: Sequence[Sequence[int]], first: list[list[int]], pending: list[list[int]], *,
                  capacity: int, slack: int, max_new_tokens: int, drafting: int,
                  choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
-                 finished: Callable[[int, list[int]], bool], out: list[list[int]]) -> None:
+                 finished: Callable[[int, list[int]], bool], out: list[list[int]], rules: Rules | None = None) -> None:
         """One merged batch: `first` decoded together, groups from `pending` joining as room frees
         (`slack` spare columns past the first rows' prompts and new tokens). Greedy rows feed their
         prompt-lookup drafts with their token (`drafting` at least, 0 for sampled rows), so rows advance by different
@@ -609,7 +642,7 @@ class Decoder:
         while True:
             feeds: list[list[int]] = [[self.pad_id] for _ in order]
             still, kept = [], []
-            for b, chosen in zip(alive, self._verify(hidden, alive, drafts, [order[b] for b in alive], choose)):
+            for b, chosen in zip(alive, self._verify(hidden, alive, drafts, [order[b] for b in alive], choose, rules)):
                 row, draft = order[b], drafts[b]
                 agreed = 0
                 while agreed < len(draft) and chosen[agreed] == draft[agreed]:
@@ -639,7 +672,7 @@ class Decoder:
                                            total=total, starts=[starts[b] for b in still],
                                            max_new_tokens=max_new_tokens + drafting)
             if joining or len(still) < COMPACT_BELOW * len(order):
-                feed_new, rows_new, groups_new = self._admit(rows, joining, choose, finished, out, max_new_tokens)
+                feed_new, rows_new, groups_new = self._admit(rows, joining, choose, finished, out, max_new_tokens, rules)
                 keep = torch.tensor(still, device=self.device)
                 feeds = [feeds[b] for b in still] + [[t] for t in feed_new]
                 mask = self._rebuild(cache, mask, keep, shift=shift, column=column, total=total,
@@ -662,26 +695,40 @@ class Decoder:
                 most = min(max(drafting, DRAFT_POSITIONS // len(alive) - 1), DRAFT_MAX, total - int(ends[alive].max()) - 1)
                 for b in alive:
                     drafts[b] = lookups[order[b]].propose(min(most, max_new_tokens - len(out[order[b]]) - 1))
+                    if rules is not None:
+                        drafts[b] = rules.permitted(order[b], drafts[b])
                     feeds[b] = feeds[b] + drafts[b]
             hidden = self._step(cache, feeds, mask, positions, ends, total)
             fed = [1] * len(order)
             self.steps += 1
 
     def _verify(self, hidden: torch.Tensor, alive: list[int], drafts: list[list[int]], live: list[int],
-                choose: Callable[[torch.Tensor, list[int]], list[int]] | None) -> list[list[int]]:
+                choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
+                rules: Rules | None = None) -> list[list[int]]:
         """Per live batch row, the model's token after its fed token and after each of its drafts
         (the positions of the last step that row used): greedy through `best`, all rows' positions in
-        one call; sampled rows (no drafts) through `choose`."""
+        one call; sampled rows (no drafts) through `choose`. Under `rules`, each position's best
+        permitted word given the drafts before it (`best_allowed`, all positions in one call); the
+        rules then take the row's tokens up to and including its first that differs from a draft."""
         if choose is not None:
             return [[t] for t in choose(self.logits(hidden[alive, 0]), live)]
         index_b = [b for b in alive for _ in range(len(drafts[b]) + 1)]
         index_j = [j for b in alive for j in range(len(drafts[b]) + 1)]
-        tokens = self.best(hidden[index_b, index_j])
+        if rules is None:
+            tokens = self.best(hidden[index_b, index_j])
+        else:
+            tokens = self.best_allowed(hidden[index_b, index_j],
+                                       rules.allowed([(row, drafts[b]) for b, row in zip(alive, live)]))
         out, at = [], 0
-        for b in alive:
+        for b, row in zip(alive, live):
             n = len(drafts[b]) + 1
             out.append(tokens[at: at + n])
             at += n
+            if rules is not None:
+                for j, token in enumerate(out[-1]):
+                    rules.accept(row, token)
+                    if j == len(drafts[b]) or token != drafts[b][j]:
+                        break
         return out
 
     def _step(self, cache: Cache, feeds: list[list[int]], mask: torch.Tensor, positions: torch.Tensor,
@@ -695,12 +742,24 @@ class Decoder:
         write_at = ends.clamp(max=total - q)  # rows that ended write nowhere that matters, inside the buffer
         width = int(write_at.max()) + q
         columns = torch.arange(width, device=self.device)
-        new = (columns >= write_at[:, None, None]) & (columns <= (write_at[:, None] + steps)[:, :, None])
-        visible = (mask[:, None, :width] | new)[:, None]  # (rows, 1, positions, columns)
+        at = write_at[:, None] + steps  # (rows, positions): the column each position is written to
+        new = (columns >= write_at[:, None, None]) & (columns <= at[:, :, None])
+        visible = mask[:, None, :width] | new  # (rows, positions, columns)
+        masks = {"full_attention": visible[:, None], "sliding_attention": visible[:, None]}
+        window = sliding_window(self.config)
+        start = 0
+        if window is not None:
+            # A row's columns are its positions shifted by one offset, so a position sees a column
+            # as transformers' sliding mask sees a key (kv > q - window) when column > its column -
+            # window; no position of this step sees a column before `start`.
+            start = max(0, int(write_at.min()) - window + 1)
+            inside = columns[start:] > at[:, :, None] - window
+            masks["sliding_attention"] = (visible[:, :, start:] & inside)[:, None]
         for layer in cache.layers:
             layer.write_at = write_at
-        return self._forward(ids, {"full_attention": visible, "sliding_attention": visible},
-                             positions[:, None] + steps, cache, int(write_at.min()), every=True)
+            if isinstance(layer, _SlidingSlotLayer):
+                layer.start = start
+        return self._forward(ids, masks, positions[:, None] + steps, cache, int(write_at.min()), every=True)
 
     def _joining(self, rows: Sequence[Sequence[int]], pending: list[list[int]], *, still: int, capacity: int,
                  column: int, total: int, starts: list[int], max_new_tokens: int) -> tuple[list[list[int]], int]:
@@ -723,8 +782,8 @@ class Decoder:
 
     def _admit(self, rows: Sequence[Sequence[int]], joining: list[list[int]],
                choose: Callable[[torch.Tensor, list[int]], list[int]] | None,
-               finished: Callable[[int, list[int]], bool], out: list[list[int]], max_new_tokens: int
-               ) -> tuple[list[int], list[int], list[tuple[Prefilled, list[int]]]]:
+               finished: Callable[[int, list[int]], bool], out: list[list[int]], max_new_tokens: int,
+               rules: Rules | None = None) -> tuple[list[int], list[int], list[tuple[Prefilled, list[int]]]]:
         """Prefill the joining groups and pick each row's first token: (tokens to feed, the rows that
         go on, and per group its prefill with the positions in it of the rows that go on)."""
         feed: list[int] = []
@@ -732,7 +791,7 @@ class Decoder:
         groups: list[tuple[Prefilled, list[int]]] = []
         for group in joining:
             pre = self.prefill(rows, group)
-            tokens = self._pick(pre.hidden, list(group), choose)
+            tokens = self._pick(pre.hidden, list(group), choose, rules)
             keep = []
             for j, (i, t) in enumerate(zip(group, tokens)):
                 if _goes_on(out, i, t, max_new_tokens, finished):
@@ -769,7 +828,7 @@ class Decoder:
                         part = (src.keys if name == "keys_buf" else src.values)[rows_kept]
                         n = len(rows_kept)
                         buf[row: row + n] = 0
-                        buf[row: row + n, :, end - pre.width: end] = part
+                        buf[row: row + n, :, end - part.shape[2]: end] = part
                         row += n
             layer.rows = kept + added
             layer.length = end

@@ -19,8 +19,8 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from schemas.errors import ErrorCode, TaskError
 from worker.checks import check_dims, check_sampling, check_texts
-from worker.constrained import CompiledSchema, GrammarRows, SchemaGrammars
-from worker.decode import DRAFT_TOKENS, Decoder, fits, sliding_window
+from worker.constrained import CompiledSchema, GrammarRows, MatcherRows, SchemaGrammars
+from worker.decode import DRAFT_TOKENS, Decoder, sliding_window
 from worker.decoding import GreedyRows, RowSampler, StopOnStrings, cut_at_stop, masks_only, stop_window
 from worker.model.loader import LoadedModel, load_from_settings
 from worker.settings import Settings
@@ -287,11 +287,12 @@ class Engine:
         # its batch mates, and unseeded rows must not share one either.
         seeds = [seed if seed is not None else random.randrange(2**63) for _ in items]
         stop = list(stop)
-        for batch, merged in self.plan_generate(items, max_new_tokens=max_new_tokens, constrained=grammar is not None):
+        may_merge = self.merges(constrained=grammar is not None, temperature=temperature)
+        for batch, merged in self.plan_generate(items, max_new_tokens=max_new_tokens, merged=may_merge):
             args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                        seeds=[seeds[i] for i in batch])
+                        seeds=[seeds[i] for i in batch], grammar=grammar)
             rows = [items[i].ids for i in batch]
-            outs = self._decode_merged(rows, **args) if merged else self._generate_batch(rows, grammar=grammar, **args)
+            outs = self._decode_merged(rows, **args) if merged else self._generate_batch(rows, **args)
             for i, (ids, reason) in zip(batch, outs):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 text, stopped = cut_at_stop(text, stop) if stop else (text, False)
@@ -299,23 +300,28 @@ class Engine:
                                         finish_reason="stop" if stopped else reason, truncated=items[i].truncated)
         return results  # type: ignore[return-value]
 
+    def merges(self, *, constrained: bool, temperature: float) -> bool:
+        """Whether such work goes through the merged decoder: all of it unless `batched_decode` is
+        off, but for constrained rows that sample (their grammar masks full logits in `generate`)
+        or whose model's generation config reads logits' values (`masks_only`): a constrained greedy
+        row there takes the best word its grammar permits (`Decoder.best_allowed`), as in `generate`."""
+        if not self.batched_decode or self.decoder is None:
+            return False
+        return not constrained or (temperature == 0 and self.decoder.pick_applies
+                                   and masks_only(self.model.lm.generation_config))
+
     def plan_generate(self, items: Sequence[Tokenized], *, max_new_tokens: int,
-                      constrained: bool) -> list[tuple[list[int], bool]]:
+                      merged: bool) -> list[tuple[list[int], bool]]:
         """Batches of item indices, each marked True when it goes through the merged decoder.
 
-        Merged: every prompt that fits the sliding window, in one batch, longest first; the decoder
+        `merged` (`merges`): every prompt, however long, in one batch, longest first; the decoder
         prefills them in tight groups and keeps as many rows decoding as the key/value budget holds
         (rows x (longest + new tokens) <= decode_tokens, at most max_batch_size), refilling rows
-        as they finish. The rest (constrained decoding, prompts past the sliding window) go
-        through `generate` in batches under its key/value budget, generate_tokens (prompt + new
-        tokens per row): a decode step reads every weight whatever the batch, so more rows per step
-        pay."""
-        config = self.decoder.config if self.decoder is not None else None
-        merged_ok = self.batched_decode and not constrained and self.decoder is not None
-        fitting = [i for i, it in enumerate(items)
-                   if merged_ok and fits(config, width=len(it.ids), max_new_tokens=max_new_tokens)]
-        taken = set(fitting)
-        rest = [i for i in range(len(items)) if i not in taken]
+        as they finish. Else through `generate` in batches under its key/value budget,
+        generate_tokens (prompt + new tokens per row): a decode step reads every weight whatever
+        the batch, so more rows per step pay."""
+        fitting = list(range(len(items))) if merged else []
+        rest = [] if merged else list(range(len(items)))
         plan: list[tuple[list[int], bool]] = []
         if fitting:
             plan.append((sorted(fitting, key=lambda i: len(items[i].ids), reverse=True), True))
@@ -329,8 +335,12 @@ class Engine:
         return plan
 
     def _decode_merged(self, rows: list[tuple[int, ...]], *, max_new_tokens: int, temperature: float, top_p: float,
-                       stop: list[str], seeds: list[int]) -> list[tuple[list[int], str]]:
+                       stop: list[str], seeds: list[int],
+                       grammar: CompiledSchema | None = None) -> list[tuple[list[int], str]]:
         sampler = RowSampler(temperature=temperature, top_p=top_p, seeds=seeds) if temperature > 0 else None
+        rules = None if grammar is None else MatcherRows(dict.fromkeys(range(len(rows)), grammar),
+                                                         eos_token_ids=self.eos_ids,
+                                                         vocab_size=self.grammars.vocab_size)
         window = stop_window(stop)
 
         def finished(row: int, ids: list[int]) -> bool:
@@ -342,11 +352,14 @@ class Engine:
         with torch.inference_mode():
             outs = self.decoder.run(rows, groups, max_new_tokens=max_new_tokens,
                                     choose=sampler.pick if sampler is not None else None, finished=finished,
-                                    slots=self.decode_tokens, max_rows=self.max_batch_size)
+                                    slots=self.decode_tokens, max_rows=self.max_batch_size, rules=rules)
         results = []
         for k in range(len(rows)):
             ids = outs[k]
-            results.append((ids[:-1], "stop") if ids and ids[-1] in self.eos_ids else (ids, "length"))
+            if ids and ids[-1] in self.eos_ids:
+                results.append((ids[:-1], "stop"))
+            else:  # a constrained value that closed on the very last token allowed has stopped too
+                results.append((ids, "stop" if rules is not None and rules.complete(k) else "length"))
         return results
 
     def _generate_batch(self, rows: list[tuple[int, ...]], *, max_new_tokens: int, temperature: float,
@@ -415,8 +428,8 @@ def default_decode_tokens(device: torch.device) -> int:
 
 
 def default_generate_tokens(device: torch.device) -> int:
-    """Key/value slots (rows x (prompt + new tokens)) of one `generate` batch (constrained decoding,
-    prompts past the sliding window): 16,384 on CPU, 262,144 on a GPU. A `generate` batch runs to
+    """Key/value slots (rows x (prompt + new tokens)) of one `generate` batch (constrained
+    decoding): 16,384 on CPU, 262,144 on a GPU. A `generate` batch runs to
     its longest row without refilling, so its rows per step matter more than the merged decoder's
     (graph prompts under the task's schema ran 1.24x faster at 16,384 than at 8,192; the same
     section of docs/PERFORMANCE.md)."""

@@ -216,6 +216,30 @@ def test_the_generation_section_times_the_head_screen_against_the_full_layer(eng
     assert f"against {drafts['drafts_again']['seconds']:.1f} s with them, screen built" in render(got)
 
 
+def test_the_window_section_times_prompts_past_the_window_both_ways_with_the_same_tokens(engine) -> None:
+    from bench.generation import past_window, render_past_window
+
+    # Given real prompts from just inside the 512-token sliding window to past it / When the section runs
+    got = past_window(engine, n=3, max_new_tokens=40, shortest=480, longest=700, repeats=1)
+    # Then both ways ran every prompt, one crossing the window while decoding and one past it,
+    # with the same tokens, and the ratio is the two timings'
+    assert (got["prompts"], got["sliding_window"]) == (3, 512) and got["past_window"] >= 1 and got["crossing"] >= 1
+    assert got["identical"] == 3 and got["output_tokens"] > 3
+    assert got["speedup"] == got["generate_seconds"][0] / got["merged_seconds"][0]
+    assert "merged is" in render_past_window(got) and "identical outputs 3 of 3" in render_past_window(got)
+
+
+def test_the_constrained_routes_are_timed_alternately_with_the_same_tokens(engine) -> None:
+    from bench.constrained import prompts, routes
+
+    # Given two graph prompts / When the constrained routes are compared once each
+    got = routes(engine, prompts(2), max_tokens=24, repeats=1)
+    # Then the merged decoder and `generate` batches gave the same tokens, and the ratio is their timings'
+    assert (got["rows"], got["identical"]) == (2, 2) and got["tokens"] > 2
+    assert got["speedup"] == round(got["generate_seconds"][0] / got["merged_seconds"][0], 3)
+    assert got["merged_drafts"]["steps"] > 0
+
+
 def test_the_head_section_times_each_screen_against_the_full_layer_on_real_decode_states(engine) -> None:
     from bench.head import measure, render
 

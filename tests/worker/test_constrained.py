@@ -200,3 +200,81 @@ def test_a_model_whose_generation_config_reads_logit_values_keeps_the_full_logit
     # Then it is chosen from the full logits (no row scored on its permitted words alone), still valid
     assert engine.decoder.allowed_rows == direct
     assert out.finish_reason == "stop" and out.text in ("true", "false")
+
+
+def test_matcher_rows_mask_each_draft_position_as_the_grammar_stands_after_the_drafts_before_it(engine: Engine) -> None:
+    from worker.constrained import MatcherRows
+    # Given a row under a small schema, the tokens of a value it permits (the model's own answer),
+    # and a reference matcher
+    grammar = engine.check_response_schema(ANSWER)
+    value = engine.generate(PROMPTS[:1], max_new_tokens=36, response_schema=ANSWER)[0].token_ids
+    assert len(value) > 6
+    rows = MatcherRows({5: grammar}, eos_token_ids=engine.eos_ids, vocab_size=engine.grammars.vocab_size)
+    reference = GrammarRows([grammar], eos_token_ids=engine.eos_ids, vocab_size=engine.grammars.vocab_size)
+
+    def reference_mask(prefix: list[int]) -> torch.Tensor:
+        ref = GrammarRows([grammar], eos_token_ids=engine.eos_ids, vocab_size=reference.vocab_size)
+        for token in prefix:
+            assert ref.matchers[0].accept_token(token)
+        return ref(torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, ref.vocab_size)))[0] > float("-inf")
+
+    # When it is asked for its masks with the value's first four tokens as drafts, twice
+    first = rows.allowed([(5, value[:4])])
+    again = rows.allowed([(5, value[:4])])
+    # Then position j permits what the grammar permits after the first j drafts, and asking
+    # changed nothing (the matcher rolled back)
+    assert first.shape == (5, reference.vocab_size) and torch.equal(first, again)
+    for j in range(5):
+        assert torch.equal(first[j], reference_mask(value[:j])), j
+    # And a draft the grammar refuses ends the row's permitted positions there, and is trimmed
+    refused = engine.tokenizer("[", add_special_tokens=False)["input_ids"][0]
+    masks = rows.allowed([(5, [value[0], refused, value[2]])])
+    assert masks[0].any() and masks[1].any() and not masks[2].any() and not masks[3].any()
+    assert rows.permitted(5, [value[0], refused, value[2]]) == [value[0]]
+    assert rows.permitted(5, value[:6]) == value[:6]
+    # And once the row has taken the whole value only end-of-sequence is permitted; after it, still only that
+    for token in value:
+        rows.accept(5, token)
+    assert rows.complete(5) and set(rows.allowed([(5, [])])[0].nonzero().flatten().tolist()) <= engine.eos_ids
+    rows.accept(5, min(engine.eos_ids))
+    assert set(rows.allowed([(5, [])])[0].nonzero().flatten().tolist()) == engine.eos_ids and not rows.failed
+
+
+def test_greedy_constrained_rows_go_through_the_merged_decoder_with_drafts_and_get_generates_tokens(
+        engine: Engine, docstrings: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.engine import Tokenized
+    from worker.tasks.graph import GRAPH_SCHEMA, render_prompt
+    # Given five graph prompts over real docstrings, under the graph task's own schema, prefilled
+    # one at a time, and a key/value budget that holds two of them at a time
+    prompts = [render_prompt(" ".join(d.split()), title=None) for d in docstrings if 150 <= len(d) <= 400][3:8]
+    items = engine.tokenize(prompts, truncate=False, what="prompt")
+    decoder = engine.decoder
+    joined: list[int] = []
+    admit = decoder._admit
+
+    def admitting(rows, joining, *args, **kwargs):
+        joined.append(sum(map(len, joining)))
+        return admit(rows, joining, *args, **kwargs)
+
+    monkeypatch.setattr(decoder, "_admit", admitting)
+    monkeypatch.setattr(engine, "token_budget", max(len(it.ids) for it in items))
+    monkeypatch.setattr(engine, "decode_tokens", 2 * (max(len(it.ids) for it in items) + 2 * 160 + decoder.draft_tokens))
+    assert engine.plan_generate(items, max_new_tokens=160, merged=engine.merges(constrained=True, temperature=0.0)) \
+        == [(sorted(range(5), key=lambda i: len(items[i].ids), reverse=True), True)]
+    # When decoded greedily through the merged decoder
+    before = decoder.drafted, decoder.accepted, decoder.steps
+    merged = engine.generate_tokenized(items, max_new_tokens=160, response_schema=GRAPH_SCHEMA)
+    drafted, accepted, steps = (after - b for after, b in zip((decoder.drafted, decoder.accepted, decoder.steps), before))
+    # and through `generate` batches (each row's best permitted word, `best_allowed`, as before)
+    monkeypatch.setattr(engine, "merges", lambda **_: False)
+    reference = engine.generate_tokenized([Tokenized(ids=it.ids, truncated=False) for it in items], max_new_tokens=160,
+                                          response_schema=GRAPH_SCHEMA)
+    # Then every row has the same tokens and finish, its value JSON of the schema where it closed,
+    for m, r in zip(merged, reference):
+        assert (m.token_ids, m.finish_reason) == (r.token_ids, r.finish_reason)
+        if m.finish_reason == "stop":
+            jsonschema.validate(json.loads(m.text), GRAPH_SCHEMA)
+    assert sum(m.finish_reason == "stop" for m in merged) >= 3, [(len(m.token_ids), m.finish_reason) for m in merged]
+    # rows joined the running batch as others ended, and drafts the grammar took saved steps
+    assert max(joined) > 0
+    assert accepted > 0 and drafted >= accepted and steps < sum(len(m.token_ids) for m in merged) / 2

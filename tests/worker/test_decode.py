@@ -1,5 +1,6 @@
 """The merged decoder (worker/decode.py) on the real model: it must give the tokens `generate` gives,
-drop finished rows without disturbing the others, and leave work it cannot hold to `generate`."""
+drop finished rows without disturbing the others, hold rows past the sliding window, and leave
+the work it does not take (sampled rows under a grammar) to `generate`."""
 from __future__ import annotations
 
 import random
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from worker.decode import Decoder, Lookup, fits
+from worker.decode import Decoder, Lookup, _SlidingSlotLayer
 from worker.engine import Engine, plan_batches
 
 INSTRUCTION = "<start_of_turn>user\nExplain what this documentation describes:\n\n{}<end_of_turn>\n<start_of_turn>model\n"
@@ -56,7 +57,7 @@ def test_merged_greedy_decoding_gives_the_tokens_generate_gives(engine: Engine, 
     from worker.engine import Tokenized
     items = [Tokenized(ids=p, truncated=False) for p in _prompts(engine, docstrings, 12)]
     # When generated greedily through the merged decoder and through `generate`
-    plan = engine.plan_generate(items, max_new_tokens=24, constrained=False)
+    plan = engine.plan_generate(items, max_new_tokens=24, merged=True)
     merged = engine.generate_tokenized(items, max_new_tokens=24)
     reference = unoptimised(lambda: engine.generate_tokenized(items, max_new_tokens=24))
     # Then every row went through the merged decoder, prefilled in more than one group,
@@ -235,40 +236,116 @@ def test_work_the_merged_decoder_cannot_hold_goes_through_generate(engine: Engin
     long_text = " ".join(docstrings[:60])
     long_ids = engine.tokenize([long_text], truncate=True, limit=window + 50, what="prompt")[0]
     short = engine.tokenize(["Water boils at"], truncate=False, what="prompt")[0]
-    # A prompt whose decode would cross the sliding window is planned for `generate`
-    assert not fits(engine.decoder.config, width=len(long_ids.ids), max_new_tokens=8)
-    plan = engine.plan_generate([long_ids, short], max_new_tokens=8, constrained=False)
-    assert sorted((b, m) for b, m in plan) == [([0], False), ([1], True)]
-    # Constrained decoding always goes through `generate`
-    assert all(not m for _, m in engine.plan_generate([short], max_new_tokens=8, constrained=True))
+    # A prompt past the sliding window is planned for the merged decoder with the others
+    assert len(long_ids.ids) > window
+    plan = engine.plan_generate([long_ids, short], max_new_tokens=8, merged=True)
+    assert plan == [([0, 1], True)]
+    # Constrained greedy rows go through the merged decoder too, constrained sampled rows through `generate`
+    assert engine.merges(constrained=True, temperature=0.0) and engine.merges(constrained=False, temperature=0.7)
+    assert not engine.merges(constrained=True, temperature=0.7)
+    assert all(not m for _, m in engine.plan_generate([short], max_new_tokens=8, merged=False))
     # Merged rows go to the decoder in one batch (it keeps as many decoding as the key/value
     # budget holds and refills the rest as rows finish: the refill tests below)
     many = [short] * 10
     old = engine.decode_tokens, engine.generate_tokens
     try:
         engine.decode_tokens = 4 * (len(short.ids) + 8)
-        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=False)] == [10]
-        # `generate` batches (constrained here) by its own key/value budget, not the merged
+        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, merged=True)] == [10]
+        # `generate` batches by their own key/value budget, not the merged
         # decoder's or the forward budget
         engine.generate_tokens = 4 * (len(short.ids) + 8)
         engine.decode_tokens = 100 * (len(short.ids) + 8)
-        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=True)] == [4, 4, 2]
+        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, merged=False)] == [4, 4, 2]
         engine.generate_tokens = 10 * (len(short.ids) + 8)
         engine.decode_tokens = 2 * (len(short.ids) + 8)
-        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, constrained=True)] == [10]
+        assert [len(b) for b, _ in engine.plan_generate(many, max_new_tokens=8, merged=False)] == [10]
     finally:
         engine.decode_tokens, engine.generate_tokens = old
     # Prompts of very different lengths share one `generate` batch where the budget holds them:
     # padding a prompt costs less than taking its row through every decode step of a batch of its own
     mixed = [Tokenized(ids=tuple(range(1000, 1000 + n)), truncated=False) for n in (20, 300, 25, 310, 40)]
-    assert [sorted(b) for b, _ in engine.plan_generate(mixed, max_new_tokens=64, constrained=True)] == [[0, 1, 2, 3, 4]]
+    assert [sorted(b) for b, _ in engine.plan_generate(mixed, max_new_tokens=64, merged=False)] == [[0, 1, 2, 3, 4]]
     # (an embedding forward pass, with no decode steps, would split them by length)
     assert len(plan_batches([len(t.ids) + 64 for t in mixed], token_budget=engine.generate_tokens,
                             max_batch_size=engine.max_batch_size)) == 2
-    # and both kinds of batch in one call still answer in input order
+    # and a call answers in input order
     out = engine.generate_tokenized([long_ids, short], max_new_tokens=8)
     assert out[1].token_ids == engine.generate_tokenized([short], max_new_tokens=8)[0].token_ids
     assert out[0].prompt_tokens == len(long_ids.ids)
+
+
+def _handed_columns(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Records, for every update of a sliding layer's slots, (columns handed to attention, columns held)."""
+    seen: list[tuple[int, int]] = []
+    update = _SlidingSlotLayer.update
+
+    def recording(self, *args, **kwargs):
+        keys, values = update(self, *args, **kwargs)
+        seen.append((keys.shape[2], self.length))
+        return keys, values
+
+    monkeypatch.setattr(_SlidingSlotLayer, "update", recording)
+    return seen
+
+
+def test_rows_past_the_sliding_window_give_the_tokens_generate_gives(engine: Engine, docstrings: list[str],
+                                                                    unoptimised, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given prompts on both sides of the 512-token sliding window: two past it (the prefill's
+    # sliding layers keep only the window's last columns), one whose decode crosses it, and shorter ones
+    from worker.engine import Tokenized
+    window = engine.decoder.config.sliding_window
+    long_text = INSTRUCTION.format(" ".join(" ".join(d.split()) for d in docstrings[:80]))
+    items = [engine.tokenize([long_text], truncate=True, limit=n, what="prompt")[0]
+             for n in (window + 300, window + 40, window - 20)]
+    items += [Tokenized(ids=p, truncated=False) for p in _prompts(engine, docstrings, 4)]
+    assert len(items[0].ids) > window + 200 and window - 48 < len(items[2].ids) < window
+    seen = _handed_columns(monkeypatch)
+    # When generated greedily, 48 new tokens each, through the merged decoder (drafts on) and `generate`
+    plan = engine.plan_generate(items, max_new_tokens=48, merged=True)
+    merged = engine.generate_tokenized(items, max_new_tokens=48)
+    reference = unoptimised(lambda: engine.generate_tokenized(items, max_new_tokens=48))
+    # Then every row went through the merged decoder and has `generate`'s tokens and finish
+    assert plan == [(sorted(range(len(items)), key=lambda i: len(items[i].ids), reverse=True), True)]
+    for m, r in zip(merged, reference):
+        assert (m.token_ids, m.finish_reason) == (r.token_ids, r.finish_reason)
+    assert sum(len(m.token_ids) for m in merged) > 4 * 48
+    # and its sliding layers were handed about a window of columns, not every column the rows hold
+    merged_steps = [(handed, held) for handed, held in seen if held > window + 200]
+    assert merged_steps and max(handed for handed, _ in merged_steps) < window + 48 + 16
+
+
+def test_rows_past_the_window_join_and_leave_a_running_batch_with_their_own_tokens(
+        engine: Engine, docstrings: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given 6 prompts, two past the sliding window and the rest long enough to cross it, each to end
+    # after its own number of tokens, and a key/value budget of three rows of the longest
+    decoder: Decoder = engine.decoder
+    window = decoder.config.sliding_window
+    long_text = INSTRUCTION.format(" ".join(" ".join(d.split()) for d in docstrings[100:180]))
+    rows = [engine.tokenize([long_text], truncate=True, limit=n, what="prompt")[0].ids
+            for n in (window + 150, window + 20, window - 10, window - 30, window - 60, window - 90)]
+    ends = {i: 12 + 9 * ((i * 5) % 6) for i in range(6)}
+
+    def stop(row: int, ids: list[int]) -> bool:
+        return len(ids) >= ends[row]
+
+    live: list[int] = []
+    step = decoder._step
+
+    def counting(cache, feeds, *args, **kwargs):
+        live.append(len(feeds))
+        return step(cache, feeds, *args, **kwargs)
+
+    monkeypatch.setattr(decoder, "_step", counting)
+    with torch.inference_mode():
+        # When each is decoded alone, greedily with drafts, and then all together, one prefill group each
+        alone = {i: decoder.run(rows, [[i]], max_new_tokens=60, choose=None, finished=stop)[i] for i in range(6)}
+        live.clear()
+        together = decoder.run(rows, [[i] for i in range(6)], max_new_tokens=60, choose=None, finished=stop,
+                               slots=3 * (len(rows[0]) + 2 * 60 + decoder.draft_tokens), max_rows=64)
+    # Then every row has the tokens it has alone, ending where it was told to, never more than
+    # three rows decoding at once and rows joining the running batch
+    assert together == alone and all(len(together[i]) == ends[i] for i in range(6))
+    assert max(live) == 3 and live.count(3) > live.index(3) + 1 and len(set(live)) > 1
 
 
 def test_the_blocked_greedy_head_picks_what_argmax_over_full_logits_picks(engine: Engine, docstrings: list[str]) -> None:

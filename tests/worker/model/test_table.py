@@ -200,7 +200,7 @@ codes = engine.model.table.codes.data_ptr()
 mapped = any(low <= codes < high for low, high in int4.file_ranges())
 engine.generate(["The capital of France is", "def add(a, b):"], max_new_tokens=8)
 engine.embed(["Pub/Sub delivers at least once."])
-# sampling (full logits), a grammar, and a prompt past the sliding window (through `generate`)
+# sampling (full logits), a grammar (through `generate`), and a prompt past the sliding window
 engine.generate(["Once upon a time"], max_new_tokens=8, temperature=0.9, seed=3)
 engine.generate(["A colour as JSON:"], max_new_tokens=8, response_schema={"type": "object"})
 engine.generate([" ".join(["river"] * 700)], max_new_tokens=2)
