@@ -748,7 +748,7 @@ class Decoder:
         masks = {"full_attention": visible[:, None], "sliding_attention": visible[:, None]}
         window = sliding_window(self.config)
         start = 0
-        if window is not None:
+        if window is not None and width - 1 >= window:  # else every column is inside every position's window
             # A row's columns are its positions shifted by one offset, so a position sees a column
             # as transformers' sliding mask sees a key (kv > q - window) when column > its column -
             # window; no position of this step sees a column before `start`.
