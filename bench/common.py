@@ -37,6 +37,20 @@ def timed(fn: Callable[[], T]) -> Timed:
     return Timed(value, time.perf_counter() - started)
 
 
+def alternating(contenders: dict[str, Callable[[], T]], repeats: int) -> tuple[dict[str, list[float]], dict[str, T]]:
+    """Each of two contenders timed `repeats` times, alternating A, B, B, A, A, B, ... so a drift of
+    the shared machine falls on both alike: (seconds of each run, each one's last value)."""
+    (a, fa), (b, fb) = contenders.items()
+    times: dict[str, list[float]] = {a: [], b: []}
+    values: dict[str, T] = {}
+    for k in range(repeats):
+        for name, fn in (((a, fa), (b, fb)) if k % 2 == 0 else ((b, fb), (a, fa))):
+            run = timed(fn)
+            times[name].append(run.seconds)
+            values[name] = run.value
+    return times, values
+
+
 def chosen_sections(text: str, known: Sequence[str]) -> list[str]:
     """The comma-separated section names in `text`, in order; ValueError naming any unknown one."""
     sections = [s.strip() for s in text.split(",") if s.strip()]

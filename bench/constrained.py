@@ -65,32 +65,28 @@ def decode(engine: Engine, texts: list[str], *, max_tokens: int, schema: dict | 
 def routes(engine: Engine, texts: list[str], *, max_tokens: int, repeats: int) -> dict[str, Any]:
     """The constrained prompts through the merged decoder and through `generate` batches, alternately
     (generate, merged, merged, generate, ...): seconds of each run, the best's ratio, identical rows."""
+    from bench.common import alternating
     from bench.generation import generate_batches
 
     items = engine.tokenize(texts, truncate=False, what="prompt")
     grammar = engine.check_response_schema(GRAPH_SCHEMA)
     decoder = engine.decoder
 
+    drafts: dict[str, int] = {}
+
     def merged() -> list[list[int]]:
-        return [g.token_ids for g in engine.generate_tokenized(items, max_new_tokens=max_tokens,
-                                                               response_schema=GRAPH_SCHEMA)]
+        before = decoder.drafted, decoder.accepted, decoder.steps
+        out = [g.token_ids for g in engine.generate_tokenized(items, max_new_tokens=max_tokens,
+                                                              response_schema=GRAPH_SCHEMA)]
+        drafts.update(zip(("drafted", "accepted", "steps"),
+                          (a - b for a, b in zip((decoder.drafted, decoder.accepted, decoder.steps), before))))
+        return out
 
     def batches() -> list[list[int]]:
         return generate_batches(engine, items, max_new_tokens=max_tokens, grammar=grammar)
 
-    times: dict[str, list[float]] = {"generate": [], "merged": []}
-    outs: dict[str, list[list[int]]] = {}
-    drafts = {}
-    for k in range(repeats):
-        for name, fn in ((("generate", batches), ("merged", merged)) if k % 2 == 0
-                         else (("merged", merged), ("generate", batches))):
-            before = decoder.drafted, decoder.accepted, decoder.steps
-            started = time.monotonic()
-            outs[name] = fn()
-            times[name].append(round(time.monotonic() - started, 2))
-            if name == "merged":
-                drafts = dict(zip(("drafted", "accepted", "steps"),
-                                  (a - b for a, b in zip((decoder.drafted, decoder.accepted, decoder.steps), before))))
+    seconds, outs = alternating({"generate": batches, "merged": merged}, repeats)
+    times = {name: [round(t, 2) for t in runs] for name, runs in seconds.items()}
     return {"generate_seconds": times["generate"], "merged_seconds": times["merged"],
             "speedup": round(min(times["generate"]) / min(times["merged"]), 3),
             "identical": sum(a == b for a, b in zip(outs["merged"], outs["generate"])), "rows": len(items),

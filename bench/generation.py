@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bench.common import chat_prompt, mixed_length, table, timed
+from bench.common import alternating, chat_prompt, mixed_length, table, timed
 from worker.corpus import stdlib_docstrings
 from worker.decoding import stop_window
 from worker.engine import Engine, Tokenized, plan_batches
@@ -366,14 +366,7 @@ def past_window(engine: Engine, *, n: int, max_new_tokens: int, shortest: int = 
     def batches() -> list[list[int]]:
         return generate_batches(engine, items, max_new_tokens=max_new_tokens)
 
-    times: dict[str, list[float]] = {"generate": [], "merged": []}
-    outs: dict[str, list[list[int]]] = {}
-    for k in range(repeats):
-        for name, fn in ((("generate", batches), ("merged", merged)) if k % 2 == 0
-                         else (("merged", merged), ("generate", batches))):
-            run = timed(fn)
-            times[name].append(run.seconds)
-            outs[name] = run.value
+    times, outs = alternating({"generate": batches, "merged": merged}, repeats)
     window = getattr(engine.decoder.config, "sliding_window", None) if engine.decoder is not None else None
     lengths = [len(it.ids) for it in items]
     return {"prompts": len(items), "prompt_tokens": sum(lengths), "shortest": min(lengths), "longest": max(lengths),

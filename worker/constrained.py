@@ -185,6 +185,9 @@ class MatcherRows:
         self.vocab_size = vocab_size
         self.failed: set[int] = set()
         self._bits = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
+        self._only_eos = xgr.allocate_token_bitmask(1, vocab_size)[0].zero_()  # an ended row's mask
+        for eos in self.eos:
+            self._only_eos[eos // 32] |= torch.tensor(1 << (eos % 32), dtype=torch.int64).to(torch.int32)
 
     def allowed(self, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
         """Bool (positions, vocabulary): for each (row, drafts), the words permitted after the row's
@@ -196,21 +199,10 @@ class MatcherRows:
         bitmask.zero_()
         at = 0
         for row, drafts in rows:
-            matcher = self.matchers[row]
             if self._ended(row):
-                for j in range(1 + len(drafts)):
-                    for eos in self.eos:
-                        bitmask[at + j, eos // 32] |= 1 << (eos % 32)
-                at += 1 + len(drafts)
-                continue
-            taken = 0
-            for j in range(1 + len(drafts)):
-                matcher.fill_next_token_bitmask(bitmask, at + j)
-                if j == len(drafts) or matcher.is_terminated() or not matcher.accept_token(drafts[j]):
-                    break
-                taken += 1
-            if taken:
-                matcher.rollback(taken)
+                bitmask[at: at + 1 + len(drafts)] = self._only_eos
+            else:
+                self._walk(row, drafts, bitmask=bitmask, at=at)
             at += 1 + len(drafts)
         # bit k of the bitmask's byte i (little-endian int32 words) is word 8 i + k
         words = (bitmask.view(torch.uint8)[:, :, None] & self._bits).ne(0)
@@ -219,17 +211,7 @@ class MatcherRows:
     def permitted(self, row: int, drafts: list[int]) -> list[int]:
         """The longest head of `drafts` the row's grammar would take from where it is (the model
         cannot choose a refused draft, so scoring one and what follows it is wasted)."""
-        matcher = self.matchers[row]
-        if self._ended(row):
-            return []
-        taken = 0
-        for token in drafts:
-            if matcher.is_terminated() or not matcher.accept_token(token):
-                break
-            taken += 1
-        if taken:
-            matcher.rollback(taken)
-        return drafts[:taken]
+        return [] if self._ended(row) else drafts[: self._walk(row, drafts)]
 
     def accept(self, row: int, token: int) -> None:
         """The row's next token (one its mask permitted)."""
@@ -243,3 +225,19 @@ class MatcherRows:
 
     def _ended(self, row: int) -> bool:
         return row in self.failed or self.matchers[row].is_terminated()
+
+    def _walk(self, row: int, drafts: list[int], *, bitmask: torch.Tensor | None = None, at: int = 0) -> int:
+        """How many of `drafts` the row's grammar takes in turn from where it is; with `bitmask`,
+        its rows `at`, `at` + 1, ... get the mask before each draft taken and after the last. The
+        matcher is rolled back to where it was."""
+        matcher = self.matchers[row]
+        taken = 0
+        for j in range(len(drafts) + 1):
+            if bitmask is not None:
+                matcher.fill_next_token_bitmask(bitmask, at + j)
+            if j == len(drafts) or matcher.is_terminated() or not matcher.accept_token(drafts[j]):
+                break
+            taken += 1
+        if taken:
+            matcher.rollback(taken)
+        return taken

@@ -202,8 +202,6 @@ def sliding_window(config: object) -> int | None:
     return int(window) if window and "sliding_attention" in types else None
 
 
-
-
 @dataclass(frozen=True)
 class ScreenTrial:
     """The greedy head screen's one timing against the full output layer, on the same rows: at
@@ -258,6 +256,7 @@ class Decoder:
         # exact: the greedy head and its screens read those, never the fp32 table's pages.
         self.table = table
         self.config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        self.window = sliding_window(self.config)  # the sliding layers' window, None where there are none
         self.pad_id = pad_id
         self.device = device
         self.body = lm.get_decoder()
@@ -520,7 +519,7 @@ class Decoder:
         if rows is None:
             groups = list(groups)
             rows = sum(len(g.rows) for g in groups)
-        window = sliding_window(self.config)
+        window = self.window
         keys_bufs: list[torch.Tensor] = []
         values_bufs: list[torch.Tensor] = []
         sliding: list[bool] = []
@@ -596,11 +595,24 @@ class Decoder:
     def _pick(self, hidden: torch.Tensor, live: list[int],
               choose: Callable[[torch.Tensor, list[int]], list[int]] | None, rules: Rules | None = None) -> list[int]:
         if rules is not None:
-            tokens = self.best_allowed(hidden, rules.allowed([(row, []) for row in live]))
-            for row, token in zip(live, tokens):
-                rules.accept(row, token)
-            return tokens
+            return [t for (t,) in self._ruled(hidden, [(row, []) for row in live], rules)]
         return self.best(hidden) if choose is None else choose(self.logits(hidden), live)
+
+    def _ruled(self, hidden: torch.Tensor, rows: list[tuple[int, list[int]]], rules: Rules) -> list[list[int]]:
+        """Per (row, drafts), the best permitted word at the row's position and after each draft
+        (`hidden`: one state per position, in order), the rules' state after the drafts before it
+        deciding what is permitted (one `best_allowed` call); the rules then take the row's tokens
+        up to and including its first that differs from a draft."""
+        tokens = self.best_allowed(hidden, rules.allowed(rows))
+        out, at = [], 0
+        for row, drafts in rows:
+            out.append(tokens[at: at + len(drafts) + 1])
+            at += len(drafts) + 1
+            for j, token in enumerate(out[-1]):
+                rules.accept(row, token)
+                if j == len(drafts) or token != drafts[j]:
+                    break
+        return out
 
     def _session(self, rows: Sequence[Sequence[int]], first: list[list[int]], pending: list[list[int]], *,
                  capacity: int, slack: int, max_new_tokens: int, drafting: int,
@@ -714,21 +726,14 @@ class Decoder:
             return [[t] for t in choose(self.logits(hidden[alive, 0]), live)]
         index_b = [b for b in alive for _ in range(len(drafts[b]) + 1)]
         index_j = [j for b in alive for j in range(len(drafts[b]) + 1)]
-        if rules is None:
-            tokens = self.best(hidden[index_b, index_j])
-        else:
-            tokens = self.best_allowed(hidden[index_b, index_j],
-                                       rules.allowed([(row, drafts[b]) for b, row in zip(alive, live)]))
+        if rules is not None:
+            return self._ruled(hidden[index_b, index_j], [(row, drafts[b]) for b, row in zip(alive, live)], rules)
+        tokens = self.best(hidden[index_b, index_j])
         out, at = [], 0
-        for b, row in zip(alive, live):
+        for b in alive:
             n = len(drafts[b]) + 1
             out.append(tokens[at: at + n])
             at += n
-            if rules is not None:
-                for j, token in enumerate(out[-1]):
-                    rules.accept(row, token)
-                    if j == len(drafts[b]) or token != drafts[b][j]:
-                        break
         return out
 
     def _step(self, cache: Cache, feeds: list[list[int]], mask: torch.Tensor, positions: torch.Tensor,
@@ -746,7 +751,7 @@ class Decoder:
         new = (columns >= write_at[:, None, None]) & (columns <= at[:, :, None])
         visible = mask[:, None, :width] | new  # (rows, positions, columns)
         masks = {"full_attention": visible[:, None], "sliding_attention": visible[:, None]}
-        window = sliding_window(self.config)
+        window = self.window
         start = 0
         if window is not None and width - 1 >= window:  # else every column is inside every position's window
             # A row's columns are its positions shifted by one offset, so a position sees a column

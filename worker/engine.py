@@ -307,8 +307,13 @@ class Engine:
         row there takes the best word its grammar permits (`Decoder.best_allowed`), as in `generate`."""
         if not self.batched_decode or self.decoder is None:
             return False
-        return not constrained or (temperature == 0 and self.decoder.pick_applies
-                                   and masks_only(self.model.lm.generation_config))
+        return not constrained or (temperature == 0 and self._chooses_permitted())
+
+    def _chooses_permitted(self) -> bool:
+        """Whether greedy rows under a grammar can take the best permitted word from the output
+        layer's input (`Decoder.best_allowed`) rather than from masked full logits."""
+        return (self.decoder is not None and self.decoder.pick_applies
+                and masks_only(self.model.lm.generation_config))
 
     def plan_generate(self, items: Sequence[Tokenized], *, max_new_tokens: int,
                       merged: bool) -> list[tuple[list[int], bool]]:
@@ -320,19 +325,14 @@ class Engine:
         as they finish. Else through `generate` in batches under its key/value budget,
         generate_tokens (prompt + new tokens per row): a decode step reads every weight whatever
         the batch, so more rows per step pay."""
-        fitting = list(range(len(items))) if merged else []
-        rest = [] if merged else list(range(len(items)))
-        plan: list[tuple[list[int], bool]] = []
-        if fitting:
-            plan.append((sorted(fitting, key=lambda i: len(items[i].ids), reverse=True), True))
-        costs = [len(items[i].ids) + max_new_tokens for i in rest]
+        if merged:
+            return [(sorted(range(len(items)), key=lambda i: len(items[i].ids), reverse=True), True)] if items else []
+        costs = [len(it.ids) + max_new_tokens for it in items]
         # A batch's fixed cost is its decode steps, each reading every weight whatever the rows:
         # padding a prompt costs far less than running its row in a batch of its own.
         overhead = BATCH_OVERHEAD + max_new_tokens * DECODE_STEP_TOKENS
-        for batch in plan_batches(costs, token_budget=self.generate_tokens, max_batch_size=self.max_batch_size,
-                                  batch_overhead=overhead):
-            plan.append(([rest[k] for k in batch], False))
-        return plan
+        return [(batch, False) for batch in plan_batches(costs, token_budget=self.generate_tokens,
+                                                         max_batch_size=self.max_batch_size, batch_overhead=overhead)]
 
     def _decode_merged(self, rows: list[tuple[int, ...]], *, max_new_tokens: int, temperature: float, top_p: float,
                        stop: list[str], seeds: list[int],
@@ -383,8 +383,9 @@ class Engine:
             processors.append(RowSampler(temperature=temperature, top_p=top_p, seeds=seeds))
         # Greedy rows need only their best permitted word, not 262,144 logits a step: the output
         # layer keeps its input and `GreedyRows`, last, chooses (Decoder.best_allowed).
-        pick = (temperature == 0 and self.batched_decode and self.decoder is not None and self.decoder.pick_applies
-                and masks_only(self.model.lm.generation_config))
+        # `merges` sends such rows to the merged decoder: a `generate` batch has them only when
+        # called for them directly (the bench's baseline, `bench.generation.generate_batches`).
+        pick = temperature == 0 and self.batched_decode and self._chooses_permitted()
         if pick:
             processors.append(GreedyRows(self.decoder))
         criteria = StoppingCriteriaList()
@@ -428,8 +429,8 @@ def default_decode_tokens(device: torch.device) -> int:
 
 
 def default_generate_tokens(device: torch.device) -> int:
-    """Key/value slots (rows x (prompt + new tokens)) of one `generate` batch (constrained
-    decoding): 16,384 on CPU, 262,144 on a GPU. A `generate` batch runs to
+    """Key/value slots (rows x (prompt + new tokens)) of one `generate` batch (constrained rows that
+    sample, or all work with batched decoding off): 16,384 on CPU, 262,144 on a GPU. A `generate` batch runs to
     its longest row without refilling, so its rows per step matter more than the merged decoder's
     (graph prompts under the task's schema ran 1.24x faster at 16,384 than at 8,192; the same
     section of docs/PERFORMANCE.md)."""
