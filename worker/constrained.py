@@ -19,6 +19,7 @@ import xgrammar as xgr
 from transformers import LogitsProcessor
 
 from schemas.errors import ErrorCode, TaskError
+from worker.decoding import Permitted
 
 MAX_SCHEMA_CHARS = 100_000
 
@@ -184,16 +185,15 @@ class MatcherRows:
         self.eos = sorted(eos_token_ids)
         self.vocab_size = vocab_size
         self.failed: set[int] = set()
-        self._bits = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
         self._only_eos = xgr.allocate_token_bitmask(1, vocab_size)[0].zero_()  # an ended row's mask
         for eos in self.eos:
             self._only_eos[eos // 32] |= torch.tensor(1 << (eos % 32), dtype=torch.int64).to(torch.int32)
 
-    def allowed(self, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
-        """Bool (positions, vocabulary): for each (row, drafts), the words permitted after the row's
-        accepted tokens, then after each of its drafts in turn (1 + len(drafts) positions a row; a
-        row's positions after a draft its grammar refuses permit nothing, as the model cannot
-        choose that draft there). The matchers end as they began."""
+    def allowed(self, rows: list[tuple[int, list[int]]]) -> Permitted:
+        """For each (row, drafts), the words permitted after the row's accepted tokens, then after
+        each of its drafts in turn (1 + len(drafts) positions a row; a row's positions after a
+        draft its grammar refuses permit nothing, as the model cannot choose that draft there).
+        The matchers end as they began."""
         count = sum(1 + len(drafts) for _, drafts in rows)
         bitmask = xgr.allocate_token_bitmask(count, self.vocab_size)
         bitmask.zero_()
@@ -204,9 +204,7 @@ class MatcherRows:
             else:
                 self._walk(row, drafts, bitmask=bitmask, at=at)
             at += 1 + len(drafts)
-        # bit k of the bitmask's byte i (little-endian int32 words) is word 8 i + k
-        words = (bitmask.view(torch.uint8)[:, :, None] & self._bits).ne(0)
-        return words.reshape(count, -1)[:, : self.vocab_size]
+        return Permitted(bitmask, self.vocab_size)
 
     def permitted(self, row: int, drafts: list[int]) -> list[int]:
         """The longest head of `drafts` the row's grammar would take from where it is (the model

@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from worker.decoding import Permitted
 from worker.model import head_screen
 from worker.model.table import Int8Table, rows_of, scores
 
@@ -79,8 +80,8 @@ class Rules(Protocol):
     """Per-row constraints on greedy rows (worker/constrained.py `MatcherRows`): which words each
     row may take next, and the tokens it took. Rows are indices into the decoder's `rows`."""
 
-    def allowed(self, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
-        """Bool (positions, vocabulary): per (row, drafts), its next position, then after each draft."""
+    def allowed(self, rows: list[tuple[int, list[int]]]) -> Permitted:
+        """Per (row, drafts), the words its next position permits, then after each draft's."""
 
     def permitted(self, row: int, drafts: list[int]) -> list[int]:
         """The longest head of `drafts` the row's rules would take from where it is."""
@@ -386,14 +387,14 @@ class Decoder:
             raise RuntimeError("no hidden state kept: the output layer ran outside `stashing`")
         return self._stash
 
-    def best_allowed(self, hidden: torch.Tensor, allowed: torch.Tensor) -> list[int]:
-        """The greedy token per row among the words `allowed` (bool, rows x vocabulary) permits: the
+    def best_allowed(self, hidden: torch.Tensor, allowed: Permitted) -> list[int]:
+        """The greedy token per row among the words `allowed` permits (one position a row): the
         argmax of the full layer's logits with the others at -inf (ties to the lowest id; 0 where
         nothing is permitted, as argmax gives over -inf). A row permitted at most `ALLOWED_DIRECT`
         words is scored on those alone, from the layer's fp32 rows; the others take the unmasked
         greedy token (`best`, the screen where it applies) when it is permitted, which is then the
         masked answer too, and else the full layer's masked scores (`best_blocked`)."""
-        counts = allowed.view(torch.uint8).sum(dim=1, dtype=torch.int32).tolist()  # half a bool sum's time
+        counts = allowed.counts()
         out = [0] * len(counts)
         source = rows_of(self.head, self.table)
         wide = []
@@ -401,19 +402,19 @@ class Decoder:
             if count > ALLOWED_DIRECT:
                 wide.append(r)
             elif count:
-                ids = allowed[r].nonzero().flatten()
+                ids = allowed.words(r)
                 out[r] = int(ids[int(scores(hidden[r: r + 1], source.rows(ids)).argmax())])
                 self.allowed_rows += 1
         if wide:
             first = self.best(hidden[wide])
             missed = []
             for r, token in zip(wide, first):
-                if allowed[r, token]:
+                if allowed.has(r, token):
                     out[r] = token
                 else:
                     missed.append(r)
             if missed:
-                for r, token in zip(missed, self.best_blocked(hidden[missed], allowed=allowed[missed])):
+                for r, token in zip(missed, self.best_blocked(hidden[missed], allowed=allowed.dense(missed))):
                     out[r] = token
         return out
 

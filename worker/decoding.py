@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
@@ -41,12 +42,60 @@ class RowSampler(LogitsProcessor):
         return [int(torch.multinomial(probs[k], 1, generator=self.generators[r])) for k, r in enumerate(rows)]
 
 
+_BIT_OF_BYTE = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
+_BIT_OF_WORD = torch.arange(32, dtype=torch.int32)
+
+
+class Permitted:
+    """The words each of some positions may take, packed as xgrammar packs its masks: bit k of the
+    int32 word i in a position's row is word 32 i + k (`bits`, positions x words, on the CPU).
+    Counting a position's words and testing one word read the packed row (a 262,144-word
+    vocabulary is 8,192 words a position); only the positions that need every word's flag are
+    unpacked to bool (`dense`)."""
+
+    def __init__(self, bits: torch.Tensor, vocab_size: int) -> None:
+        if bits.dtype != torch.int32 or bits.dim() != 2 or bits.shape[1] * 32 < vocab_size:
+            raise ValueError(f"expected int32 (positions, >= {-(-vocab_size // 32)}) bits, got {bits.dtype} {tuple(bits.shape)}")
+        self.bits = bits
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def of(cls, allowed: torch.Tensor) -> Permitted:
+        """From a bool (positions, vocabulary) mask."""
+        packed = np.packbits(allowed.cpu().numpy(), axis=1, bitorder="little")  # byte i bit k: word 8 i + k
+        packed = np.pad(packed, ((0, 0), (0, -packed.shape[1] % 4)))
+        return cls(torch.from_numpy(packed.view("<i4")), allowed.shape[1])
+
+    def __len__(self) -> int:
+        return self.bits.shape[0]
+
+    def counts(self) -> list[int]:
+        """How many words each position permits."""
+        return np.bitwise_count(self.bits.numpy().view(np.uint32)).sum(axis=1, dtype=np.int64).tolist()
+
+    def has(self, position: int, word: int) -> bool:
+        return bool((int(self.bits[position, word >> 5]) >> (word & 31)) & 1)
+
+    def words(self, position: int) -> torch.Tensor:
+        """The ids a position permits, ascending (int64)."""
+        row = self.bits[position]
+        at = row.nonzero().flatten()
+        flags = (row[at][:, None] >> _BIT_OF_WORD) & 1 == 1
+        return (at[:, None] * 32 + _BIT_OF_WORD)[flags]
+
+    def dense(self, positions: list[int] | None = None) -> torch.Tensor:
+        """Bool (positions, vocabulary): these positions' flags, every position's by default."""
+        bits = self.bits if positions is None else self.bits[positions]
+        flags = (bits.view(torch.uint8)[:, :, None] & _BIT_OF_BYTE).ne(0)  # little-endian words: byte j bit k
+        return flags.reshape(bits.shape[0], -1)[:, : self.vocab_size]
+
+
 class AllowedChooser(Protocol):
     """What `GreedyRows` asks for a greedy row's token (worker/decode.py `Decoder`)."""
 
     def stashed(self) -> torch.Tensor: ...
 
-    def best_allowed(self, hidden: torch.Tensor, allowed: torch.Tensor) -> list[int]: ...
+    def best_allowed(self, hidden: torch.Tensor, allowed: Permitted) -> list[int]: ...
 
 
 class GreedyRows(LogitsProcessor):
@@ -60,8 +109,7 @@ class GreedyRows(LogitsProcessor):
         self.chooser = chooser
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        allowed = scores > float("-inf")
-        chosen = self.chooser.best_allowed(self.chooser.stashed(), allowed)
+        chosen = self.chooser.best_allowed(self.chooser.stashed(), Permitted.of(scores > float("-inf")))
         forced = torch.full_like(scores, float("-inf"))
         rows = torch.arange(scores.shape[0], device=scores.device)
         forced[rows, torch.tensor(chosen, device=scores.device)] = 0.0

@@ -11,6 +11,7 @@ import torch
 
 from schemas.errors import ErrorCode, TaskError
 from worker.constrained import GrammarRows, canonical_schema
+from worker.decoding import Permitted
 from worker.engine import Engine
 
 ANSWER = {
@@ -172,12 +173,36 @@ def test_the_best_permitted_word_is_the_argmax_of_the_masked_logits(engine: Engi
     allowed[4] = False
     allowed[5, : vocab // 2] = False
     with torch.inference_mode():
-        chosen = decoder.best_allowed(hidden, allowed)
+        chosen = decoder.best_allowed(hidden, Permitted.of(allowed))
     # Then each row gets what argmax over its masked logits gives (0 where nothing is permitted)
     expected = logits.masked_fill(~allowed, float("-inf")).argmax(dim=-1).tolist()
     assert chosen == expected
     assert chosen[0] == free[0] and chosen[1] != free[1] and chosen[3] == 77 and chosen[4] == 0
     assert allowed[2].sum() <= 4096  # row 2 went the direct way
+
+
+@pytest.mark.parametrize("vocab", [262_144, 1_000])
+def test_packed_permitted_words_count_test_and_list_as_the_bool_mask_does(vocab: int) -> None:
+    # Given bool masks over a vocabulary (one not a multiple of 32): everything, nothing, every
+    # 32nd word (bit 31 of each packed word, the int32 sign bit), a few words, about half
+    generator = torch.Generator().manual_seed(9)
+    allowed = torch.zeros((5, vocab), dtype=torch.bool)
+    allowed[0] = True
+    allowed[2, 31::32] = True
+    allowed[3, [0, 5, 32, vocab - 1]] = True
+    allowed[4] = torch.rand(vocab, generator=generator) < 0.5
+    # When they are packed as xgrammar packs its masks
+    permitted = Permitted.of(allowed)
+    # Then the packed rows count, test, list and unpack every position's words as the bool mask does
+    assert permitted.bits.dtype == torch.int32 and permitted.bits.shape == (5, -(-vocab // 32)) and len(permitted) == 5
+    assert permitted.counts() == allowed.sum(dim=1).tolist()
+    assert torch.equal(permitted.dense(), allowed) and torch.equal(permitted.dense([4, 2]), allowed[[4, 2]])
+    for p in range(5):
+        assert torch.equal(permitted.words(p), allowed[p].nonzero().flatten()), p
+    assert [permitted.has(p, w) for p in range(5) for w in (0, 31, 5, vocab - 1)] == \
+        [bool(allowed[p, w]) for p in range(5) for w in (0, 31, 5, vocab - 1)]
+    with pytest.raises(ValueError, match="int32"):
+        Permitted(permitted.bits.to(torch.int64), vocab)
 
 
 def test_a_model_whose_generation_config_reads_logit_values_keeps_the_full_logits(engine: Engine) -> None:
@@ -219,25 +244,26 @@ def test_matcher_rows_mask_each_draft_position_as_the_grammar_stands_after_the_d
         return ref(torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, ref.vocab_size)))[0] > float("-inf")
 
     # When it is asked for its masks with the value's first four tokens as drafts, twice
-    first = rows.allowed([(5, value[:4])])
-    again = rows.allowed([(5, value[:4])])
+    packed = rows.allowed([(5, value[:4])])
+    first, again = packed.dense(), rows.allowed([(5, value[:4])]).dense()
     # Then position j permits what the grammar permits after the first j drafts, and asking
     # changed nothing (the matcher rolled back)
     assert first.shape == (5, reference.vocab_size) and torch.equal(first, again)
     for j in range(5):
         assert torch.equal(first[j], reference_mask(value[:j])), j
+        assert packed.counts()[j] == int(first[j].sum()) and torch.equal(packed.words(j), first[j].nonzero().flatten())
     # And a draft the grammar refuses ends the row's permitted positions there, and is trimmed
     refused = engine.tokenizer("[", add_special_tokens=False)["input_ids"][0]
-    masks = rows.allowed([(5, [value[0], refused, value[2]])])
+    masks = rows.allowed([(5, [value[0], refused, value[2]])]).dense()
     assert masks[0].any() and masks[1].any() and not masks[2].any() and not masks[3].any()
     assert rows.permitted(5, [value[0], refused, value[2]]) == [value[0]]
     assert rows.permitted(5, value[:6]) == value[:6]
     # And once the row has taken the whole value only end-of-sequence is permitted; after it, still only that
     for token in value:
         rows.accept(5, token)
-    assert rows.complete(5) and set(rows.allowed([(5, [])])[0].nonzero().flatten().tolist()) <= engine.eos_ids
+    assert rows.complete(5) and set(rows.allowed([(5, [])]).words(0).tolist()) <= engine.eos_ids
     rows.accept(5, min(engine.eos_ids))
-    assert set(rows.allowed([(5, [])])[0].nonzero().flatten().tolist()) == engine.eos_ids and not rows.failed
+    assert set(rows.allowed([(5, [])]).words(0).tolist()) == engine.eos_ids and not rows.failed
 
 
 def test_greedy_constrained_rows_go_through_the_merged_decoder_with_drafts_and_get_generates_tokens(
