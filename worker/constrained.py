@@ -185,9 +185,9 @@ class MatcherRows:
         self.eos = sorted(eos_token_ids)
         self.vocab_size = vocab_size
         self.failed: set[int] = set()
-        self._only_eos = xgr.allocate_token_bitmask(1, vocab_size)[0].zero_()  # an ended row's mask
-        for eos in self.eos:
-            self._only_eos[eos // 32] |= torch.tensor(1 << (eos % 32), dtype=torch.int64).to(torch.int32)
+        only_eos = torch.zeros((1, vocab_size), dtype=torch.bool)
+        only_eos[0, self.eos] = True
+        self._only_eos = Permitted.of(only_eos).bits[0]  # an ended row's mask
 
     def allowed(self, rows: list[tuple[int, list[int]]]) -> Permitted:
         """For each (row, drafts), the words permitted after the row's accepted tokens, then after

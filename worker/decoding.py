@@ -42,7 +42,6 @@ class RowSampler(LogitsProcessor):
         return [int(torch.multinomial(probs[k], 1, generator=self.generators[r])) for k, r in enumerate(rows)]
 
 
-_BIT_OF_BYTE = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
 _BIT_OF_WORD = torch.arange(32, dtype=torch.int32)
 
 
@@ -86,8 +85,8 @@ class Permitted:
     def dense(self, positions: list[int] | None = None) -> torch.Tensor:
         """Bool (positions, vocabulary): these positions' flags, every position's by default."""
         bits = self.bits if positions is None else self.bits[positions]
-        flags = (bits.view(torch.uint8)[:, :, None] & _BIT_OF_BYTE).ne(0)  # little-endian words: byte j bit k
-        return flags.reshape(bits.shape[0], -1)[:, : self.vocab_size]
+        flags = np.unpackbits(bits.numpy().view(np.uint8), axis=1, count=self.vocab_size, bitorder="little")
+        return torch.from_numpy(flags).bool()
 
 
 class AllowedChooser(Protocol):
